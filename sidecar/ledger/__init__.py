@@ -1,8 +1,15 @@
 """Durable usage ledger: one interface, several backends chosen by URL."""
 
-from sidecar.ledger.base import JobTotals, Ledger, RecordState, UsageRecord
+from sidecar.ledger.base import JobTotals, Ledger, LedgerClosedError, RecordState, UsageRecord
 
-__all__ = ["JobTotals", "Ledger", "RecordState", "UsageRecord", "open_ledger"]
+__all__ = [
+    "JobTotals",
+    "Ledger",
+    "LedgerClosedError",
+    "RecordState",
+    "UsageRecord",
+    "open_ledger",
+]
 
 
 def open_ledger(url: str) -> Ledger:

@@ -16,6 +16,10 @@ from enum import StrEnum
 from sidecar.metering.types import Source
 
 
+class LedgerClosedError(RuntimeError):
+    """The ledger is not open (never opened, or closed): nothing can be submitted or read."""
+
+
 class RecordState(StrEnum):
     OPEN = "open"  # a response still being relayed; counts are a lower bound
     FINAL = "final"  # the response ended normally
@@ -87,6 +91,15 @@ class Ledger(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Flush everything submitted, then release the connection(s)."""
+
+    @abstractmethod
+    async def close_interrupted(self, now_ms: int) -> int:
+        """Mark every OPEN record ABORTED (its persisted count stands); return how many.
+
+        Called once at start, before serving: an OPEN record then belongs to a process that
+        died mid-stream (kill -9, power loss), and its last persisted progress is what was
+        relayed, within the progress bound.
+        """
 
     @abstractmethod
     def submit(self, record: UsageRecord) -> asyncio.Future[None]:

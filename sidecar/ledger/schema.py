@@ -1,0 +1,89 @@
+"""The SQLite ledger's schema, as an ordered list of migrations.
+
+``PRAGMA user_version`` holds how many migrations a file has had. Opening a ledger applies the
+missing ones in order, in one write transaction, so a file is never left half-migrated and two
+processes opening the same new file cannot both migrate it. Later features append migrations
+(version 2, 3, ...); a shipped migration is never edited, because files in the field already ran it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+# Migration ``i`` (0-based) takes a file from version ``i`` to ``i + 1``. Each is a tuple of single
+# statements rather than one script: ``executescript`` would commit the surrounding transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: usage records, one row per metered response.
+    (
+        """
+        CREATE TABLE usage_records (
+            key               TEXT    PRIMARY KEY,
+            -- A uint256 in canonical decimal (no sign, no leading zeros), NULL when unattributed.
+            -- TEXT because SQLite integers are 64-bit; canonical so that ordering by
+            -- (length, text) is numeric order.
+            job_id            TEXT    CHECK (
+                job_id IS NULL OR (
+                    length(job_id) BETWEEN 1 AND 78
+                    AND job_id NOT GLOB '*[^0-9]*'
+                    AND (job_id = '0' OR job_id NOT GLOB '0*')
+                )
+            ),
+            endpoint          TEXT    NOT NULL,
+            model             TEXT,
+            prompt_tokens     INTEGER CHECK (prompt_tokens IS NULL OR prompt_tokens >= 0),
+            completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
+            billable_tokens   INTEGER NOT NULL CHECK (billable_tokens >= 0),
+            source            TEXT    NOT NULL,
+            state             TEXT    NOT NULL CHECK (state IN ('open', 'final', 'aborted')),
+            status            INTEGER NOT NULL,
+            started_ms        INTEGER NOT NULL,
+            updated_ms        INTEGER NOT NULL
+        )
+        """,
+        # Per-job totals and per-job record listings both select or group by job.
+        "CREATE INDEX usage_records_by_job ON usage_records (job_id, started_ms)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaError(RuntimeError):
+    """The file's schema is one this code cannot use (e.g. written by a newer sidecar)."""
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    return int(version)
+
+
+def migrate(
+    conn: sqlite3.Connection,
+    migrations: tuple[tuple[str, ...], ...] = MIGRATIONS,
+) -> int:
+    """Bring the file up to ``len(migrations)``; return the version it had before.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``): the transaction is ours.
+    """
+    # IMMEDIATE takes the write lock before reading the version, so a concurrent opener waits
+    # (busy timeout) and then sees the migrated version instead of migrating a second time.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        before = user_version(conn)
+        if before > len(migrations):
+            raise SchemaError(
+                f"ledger schema version {before} is newer than this sidecar knows"
+                f" ({len(migrations)}); upgrade the sidecar"
+            )
+        for version in range(before, len(migrations)):
+            for statement in migrations[version]:
+                conn.execute(statement)
+            # user_version lives in the file header and is transactional, so it commits or
+            # rolls back together with the migration's statements.
+            conn.execute(f"PRAGMA user_version = {version + 1:d}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return before

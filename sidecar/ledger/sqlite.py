@@ -1,0 +1,434 @@
+"""The embedded SQLite ledger, the default backend.
+
+Threads, not the event loop, touch the file:
+
+- one **writer thread** owns the only write connection. ``submit`` (on the loop thread) puts the
+  record on a queue and returns a future. The writer blocks for the first queued record, drains
+  whatever else is already queued (up to :data:`MAX_BATCH`), applies all of them in one
+  transaction and commits: one fsync for the whole batch (group commit). Only then are the batch's
+  futures resolved, on their loop, so a resolved future means the record survives a kill -9 or a
+  power cut (``synchronous=FULL``).
+- one **reader thread** owns a read-only connection. WAL lets it read a consistent snapshot while
+  the writer commits, so reads never wait behind the write queue; other processes (the
+  ``sidecar jobs`` CLI) read the same file the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import operator
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from sidecar.ledger.base import JobTotals, Ledger, LedgerClosedError, RecordState, UsageRecord
+from sidecar.ledger.schema import migrate
+from sidecar.metering.types import Source
+
+log = logging.getLogger(__name__)
+
+# Bounds one transaction, so one huge burst cannot hold the write lock (and delay every future of
+# the burst) for long; the rest of the burst simply goes in the next batch.
+MAX_BATCH: Final = 512
+UINT256_MAX: Final = 2**256 - 1
+DEFAULT_BUSY_TIMEOUT_MS: Final = 5_000
+
+_T = TypeVar("_T")
+# The parameters of one upsert, in the column order of _UPSERT.
+_Row = tuple[str, str | None, str, str | None, int | None, int, int, str, str, int, int, int]
+
+_COLUMNS: Final = (
+    "key, job_id, endpoint, model, prompt_tokens, completion_tokens, billable_tokens,"
+    " source, state, status, started_ms, updated_ms"
+)
+
+# Only an open row may change: a final or aborted row is what the client was served, and a
+# replayed final record (a retry after an unknown outcome) must be a no-op. started_ms keeps the
+# first value seen: the response began when its first record was written.
+_UPSERT: Final = f"""
+INSERT INTO usage_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    job_id = excluded.job_id,
+    endpoint = excluded.endpoint,
+    model = excluded.model,
+    prompt_tokens = excluded.prompt_tokens,
+    completion_tokens = excluded.completion_tokens,
+    billable_tokens = excluded.billable_tokens,
+    source = excluded.source,
+    state = excluded.state,
+    status = excluded.status,
+    updated_ms = excluded.updated_ms
+WHERE usage_records.state = 'open'
+"""
+
+# Totals per (job, source) first, then per job: one statement, so one consistent snapshot, and
+# the by-source breakdown comes out as a JSON object next to the sums.
+_TOTALS: Final = """
+SELECT job_id, SUM(n), SUM(open_n), SUM(prompt), SUM(completion), SUM(billable),
+       json_group_object(source, billable), MIN(first_ms), MAX(last_ms)
+FROM (
+    SELECT job_id, source,
+           COUNT(*) AS n,
+           SUM(state = 'open') AS open_n,
+           COALESCE(SUM(prompt_tokens), 0) AS prompt,
+           SUM(completion_tokens) AS completion,
+           SUM(billable_tokens) AS billable,
+           MIN(started_ms) AS first_ms,
+           MAX(updated_ms) AS last_ms
+    FROM usage_records
+    {where}
+    GROUP BY job_id, source
+)
+GROUP BY job_id
+-- job_id is canonical decimal, so (length, text) is numeric order; NULL (unattributed) last.
+ORDER BY job_id IS NULL, length(job_id), job_id
+"""
+_JOB_TOTALS: Final = _TOTALS.format(where="WHERE job_id IS ?")
+_ALL_TOTALS: Final = _TOTALS.format(where="")
+
+_RECORDS: Final = f"""
+SELECT {_COLUMNS} FROM usage_records WHERE job_id IS ? ORDER BY started_ms, rowid
+"""
+
+# Errors that belong to one record (a constraint, a value SQLite cannot bind): a batch failing
+# with one of these is retried record by record so that one bad record cannot fail its
+# neighbours. Anything else (locked, disk full, I/O) would fail every record again, so the whole
+# batch fails at once instead of waiting out the busy timeout once per record.
+_PER_RECORD_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+
+
+@dataclass(slots=True)
+class _Pending:
+    row: _Row
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+def _job_text(job_id: int | None) -> str | None:
+    if job_id is None:
+        return None
+    value = operator.index(job_id)
+    if not 0 <= value <= UINT256_MAX:
+        raise ValueError(f"job id {job_id} is not a uint256")
+    return str(value)
+
+
+def _optional_int(value: int | None) -> int | None:
+    return None if value is None else operator.index(value)
+
+
+def _to_row(record: UsageRecord) -> _Row:
+    """The upsert parameters of a record; TypeError/ValueError for a malformed one."""
+    # operator.index rejects floats: token counts are money and stay ints end to end.
+    return (
+        str(record.key),
+        _job_text(record.job_id),
+        str(record.endpoint),
+        None if record.model is None else str(record.model),
+        _optional_int(record.prompt_tokens),
+        operator.index(record.completion_tokens),
+        operator.index(record.billable_tokens),
+        Source(record.source).value,
+        RecordState(record.state).value,
+        operator.index(record.status),
+        operator.index(record.started_ms),
+        operator.index(record.updated_ms),
+    )
+
+
+def _from_row(row: Sequence[Any]) -> UsageRecord:
+    key, job_id, endpoint, model, prompt, completion, billable, source, state, status, t0, t1 = row
+    return UsageRecord(
+        key=key,
+        job_id=None if job_id is None else int(job_id),
+        endpoint=endpoint,
+        model=model,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        billable_tokens=billable,
+        source=Source(source),
+        state=RecordState(state),
+        status=status,
+        started_ms=t0,
+        updated_ms=t1,
+    )
+
+
+def _totals_from_row(row: Sequence[Any]) -> JobTotals:
+    job_id, requests, open_n, prompt, completion, billable, by_source, first, last = row
+    sources: dict[str, int] = json.loads(by_source)
+    return JobTotals(
+        job_id=None if job_id is None else int(job_id),
+        requests=requests,
+        open_requests=open_n,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        billable_tokens=billable,
+        billable_by_source={name: sources[name] for name in sorted(sources)},
+        first_ms=first,
+        last_ms=last,
+    )
+
+
+def _apply(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+    """Upsert ``rows`` in order in one transaction and commit (the one fsync of the batch)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(_UPSERT, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT (e.g. SQLITE_BUSY) can leave the transaction open; an I/O error may
+        # already have rolled it back. Either way the connection must be clean for the next batch.
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("ledger: rollback failed")
+        raise
+
+
+def _commit(conn: sqlite3.Connection, rows: Sequence[_Row]) -> list[BaseException | None]:
+    """Commit a batch; the outcome of each row (None: durable)."""
+    try:
+        _apply(conn, rows)
+        return [None] * len(rows)
+    except Exception as exc:
+        if len(rows) == 1 or not isinstance(exc, _PER_RECORD_ERRORS):
+            return [exc] * len(rows)
+    outcomes: list[BaseException | None] = []
+    for row in rows:
+        try:
+            _apply(conn, (row,))
+            outcomes.append(None)
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    """Runs on the loop thread. A future is already done when its awaiter was cancelled: the
+    record was written all the same, there is just nobody left to tell."""
+    for future, error in outcomes:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; every BEGIN/COMMIT here is explicit.
+    # check_same_thread=False: each connection is created on the loop's helper thread and then
+    # used only by its one owning thread, never by two at once.
+    return sqlite3.connect(
+        path,
+        timeout=busy_timeout_ms / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+
+
+def _open_writer(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect(path, busy_timeout_ms)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            # Without WAL a reader (the jobs CLI) would block the writer and vice versa.
+            raise sqlite3.OperationalError(
+                f"{path}: cannot use WAL journal mode (got {mode!r}); use a local filesystem"
+            )
+        # FULL: a commit fsyncs the WAL, so a resolved future survives a power cut too.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_reader(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    conn = _connect(path, busy_timeout_ms)
+    # A guard, not a permission: this connection only ever runs SELECTs.
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+class SQLiteLedger(Ledger):
+    """A ledger in one SQLite file (created, with its folder, on first open)."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
+        self.path = Path(path).expanduser()
+        self.busy_timeout_ms = busy_timeout_ms
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SQLiteLedger({str(self.path)!r})"
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._closed:
+                raise LedgerClosedError(f"{self!r} is closed; create a new ledger to reopen it")
+            if self._writer is not None:
+                return
+            # Creating the file, migrating and the first fsyncs are blocking I/O: off the loop.
+            write_conn = await asyncio.to_thread(_open_writer, self.path, self.busy_timeout_ms)
+            reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-reader")
+            try:
+                loop = asyncio.get_running_loop()
+                read_conn = await loop.run_in_executor(
+                    reader, _open_reader, self.path, self.busy_timeout_ms
+                )
+            except BaseException:
+                reader.shutdown(wait=False)
+                write_conn.close()
+                raise
+            self._reader, self._read_conn = reader, read_conn
+            # daemon: an interpreter exiting without close() must not hang on the queue. What
+            # it drops was never reported durable (no future resolved), as after a kill -9.
+            self._writer = threading.Thread(
+                target=self._write_loop, args=(write_conn,), name="ledger-writer", daemon=True
+            )
+            self._writer.start()
+
+    async def close(self) -> None:
+        async with self._open_lock:
+            if self._closed:
+                return
+            self._closed = True  # from here on submit() refuses, so the stop marker is last
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                self._queue.put(None)
+                await asyncio.to_thread(writer.join)
+            reader, read_conn = self._reader, self._read_conn
+            self._reader = self._read_conn = None
+            if reader is not None:
+                if read_conn is not None:
+                    await asyncio.get_running_loop().run_in_executor(reader, read_conn.close)
+                reader.shutdown(wait=False)
+
+    async def close_interrupted(self, now_ms: int) -> int:
+        if self._writer is None:
+            raise LedgerClosedError(f"{self!r} is not open: await open() first")
+
+        def update() -> int:
+            conn = _connect(self.path, self.busy_timeout_ms)
+            try:
+                with conn:
+                    cursor = conn.execute(
+                        "UPDATE usage_records SET state = 'aborted', updated_ms = ? "
+                        "WHERE state = 'open'",
+                        (now_ms,),
+                    )
+                return cursor.rowcount
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(update)
+
+    def submit(self, record: UsageRecord) -> asyncio.Future[None]:
+        if self._closed:
+            raise LedgerClosedError(f"{self!r} is closed: record {record.key!r} was not accepted")
+        if self._writer is None:
+            raise LedgerClosedError(f"{self!r} is not open: await open() before submit()")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        try:
+            row = _to_row(record)
+        except (TypeError, ValueError) as exc:
+            # Same channel as a database error: awaiting the future tells the caller.
+            future.set_exception(exc)
+            return future
+        self._queue.put(_Pending(row, future, loop))
+        return future
+
+    async def job(self, job_id: int | None) -> JobTotals | None:
+        job_text = _job_text(job_id)
+        rows = await self._read(lambda conn: conn.execute(_JOB_TOTALS, (job_text,)).fetchall())
+        return _totals_from_row(rows[0]) if rows else None
+
+    async def jobs(self) -> list[JobTotals]:
+        rows = await self._read(lambda conn: conn.execute(_ALL_TOTALS).fetchall())
+        return [_totals_from_row(row) for row in rows]
+
+    async def records(self, job_id: int | None) -> list[UsageRecord]:
+        job_text = _job_text(job_id)
+        rows = await self._read(lambda conn: conn.execute(_RECORDS, (job_text,)).fetchall())
+        return [_from_row(row) for row in rows]
+
+    async def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
+        reader, conn = self._reader, self._read_conn
+        if reader is None or conn is None:
+            state = "closed" if self._closed else "not open"
+            raise LedgerClosedError(f"{self!r} is {state}")
+        return await asyncio.get_running_loop().run_in_executor(reader, query, conn)
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        """The writer thread: batches until the stop marker, then closes its connection."""
+        try:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True  # commit what came before the marker, then stop
+                        break
+                    batch.append(item)
+                self._write_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        outcomes = _commit(conn, [item.row for item in batch])
+        failed = [
+            (item, error) for item, error in zip(batch, outcomes, strict=True) if error is not None
+        ]
+        if failed:
+            first_item, first_error = failed[0]
+            log.error(
+                "ledger %s: %d of %d record(s) not committed (first: key %r)",
+                self.path,
+                len(failed),
+                len(batch),
+                first_item.row[0],
+                exc_info=first_error,
+            )
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]
+        ] = {}
+        for item, error in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(item.loop, []).append((item.future, error))
+        for loop, results in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, results)
+            except RuntimeError:
+                # The loop is closed: nobody can await these futures any more. The rows are
+                # committed (or logged above as failed) regardless.
+                pass
