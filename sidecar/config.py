@@ -1,0 +1,238 @@
+"""One typed settings object, declared in one place.
+
+Every option is a field of :class:`Settings` with its type, default and help text. The command
+line, the environment (``SIDECAR_`` + the option name in capitals) and an optional TOML file are
+all derived from these declarations, and merged with this precedence:
+flags > environment > TOML file > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+ENV_PREFIX = "SIDECAR_"
+
+BILL_CHOICES = ("completion", "total")
+
+
+def default_ledger_url() -> str:
+    data_dir = Path(platformdirs.user_data_dir("sidecar", appauthor=False))
+    return f"sqlite:///{data_dir / 'ledger.db'}"
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    secret: bool = False,
+    metavar: str | None = None,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "secret": secret, "metavar": metavar},
+    )
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the option and where it came from."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = _opt(
+        "127.0.0.1:8080", "address the sidecar listens on, HOST:PORT", metavar="HOST:PORT"
+    )
+    upstream: str = _opt(
+        "http://127.0.0.1:8000", "base URL of the unchanged OpenAI-compatible engine", metavar="URL"
+    )
+    engine: str = _opt(
+        "llama-cpp-python",
+        "the engine's usage dialect: llama-cpp-python reports no usage in streams (chunks are "
+        "counted); the others report it only when asked, so the sidecar asks",
+        choices=("llama-cpp-python", "llama-server", "vllm", "ollama", "sglang", "tgi"),
+    )
+    ledger: str = _opt(
+        None,
+        "durable ledger URL: sqlite:///PATH (default: a file in the user's data folder)",
+        metavar="URL",
+    )
+    bill: str = _opt(
+        "completion",
+        "tokens billed per response: completion (generated tokens, "
+        "what hosts are paid for) or total (prompt + completion)",
+        choices=BILL_CHOICES,
+    )
+    require_job: bool = _opt(
+        False, "reject requests that name no job (402) instead of relaying them as unattributed"
+    )
+    admin_token: str | None = _opt(
+        None,
+        "bearer token required by /sidecar/* admin routes (never logged)",
+        secret=True,
+        metavar="TOKEN",
+    )
+    max_body_bytes: int = _opt(
+        8 * 1024 * 1024, "largest request body accepted (413 above)", metavar="BYTES"
+    )
+    upstream_connect_timeout: int = _opt(
+        10, "seconds to wait for a connection to the engine", metavar="SECONDS"
+    )
+    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    @property
+    def ledger_url(self) -> str:
+        return self.ledger or default_ledger_url()
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ConfigError(f"--listen must be HOST:PORT, got {self.listen!r}")
+        return host.strip("[]"), int(port)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as a dict, with secrets masked: safe to log."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "***"
+            out[f.name] = value
+        out["ledger"] = self.ledger_url
+        return out
+
+
+def _field_type(f: Any) -> type:
+    annotation = str(f.type)
+    if annotation.startswith("bool"):
+        return bool
+    if annotation.startswith("int"):
+        return int
+    return str
+
+
+def _coerce(name: str, raw: Any, kind: type, origin: str) -> Any:
+    """Turn a value from the environment or a TOML file into the option's type."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name} from {origin}: expected true or false, got {raw!r}")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{name} from {origin}: expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} from {origin}: expected an integer, got {raw!r}") from None
+    if not isinstance(raw, str):
+        raise ConfigError(f"{name} from {origin}: expected a string, got {raw!r}")
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every setting as a flag. Flags not given stay absent (so lower layers apply)."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"TOML file of settings (or {ENV_PREFIX}CONFIG); keys are the "
+        "option names, e.g. require_job = true",
+    )
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        default = None if f.default is MISSING else f.default
+        shown = "" if f.metadata.get("secret") or default is None else f" (default: {default})"
+        env = f" [env {ENV_PREFIX}{f.name.upper()}]"
+        help_text = f.metadata["help"] + shown + env
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=kind,
+                default=argparse.SUPPRESS,
+                choices=f.metadata.get("choices"),
+                metavar=f.metadata.get("metavar"),
+                help=help_text,
+            )
+
+
+def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge flags > environment > TOML file > defaults into one validated Settings."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    config_path = flags.get("config") or env.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        values.update(_read_toml(Path(config_path)))
+
+    for f in fields(Settings):
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            values[f.name] = _coerce(f.name, env[key], _field_type(f), f"${key}")
+
+    for f in fields(Settings):
+        if f.name in flags and flags[f.name] is not None:
+            values[f.name] = flags[f.name]
+
+    settings = replace(Settings(), **values)
+    _validate(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get("sidecar", data)
+    known = {f.name: f for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    for raw_key, raw in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown option {raw_key!r}")
+        values[key] = _coerce(key, raw, _field_type(known[key]), str(path))
+    return values
+
+
+def _validate(settings: Settings) -> None:
+    settings.listen_host_port  # noqa: B018 - raises ConfigError when malformed
+    for f in fields(Settings):
+        choices = f.metadata.get("choices")
+        if choices and getattr(settings, f.name) not in choices:
+            raise ConfigError(
+                f"{f.name} must be one of {', '.join(choices)}; got {getattr(settings, f.name)!r}"
+            )
+    if not settings.upstream.startswith(("http://", "https://")):
+        raise ConfigError(f"--upstream must be an http(s) URL, got {settings.upstream!r}")
+    if settings.max_body_bytes <= 0:
+        raise ConfigError("--max-body-bytes must be positive")
+    if settings.upstream_connect_timeout <= 0:
+        raise ConfigError("--upstream-connect-timeout must be positive")
+    if not settings.ledger_url.startswith("sqlite:///"):
+        raise ConfigError(f"--ledger must be sqlite:///PATH, got {settings.ledger_url!r}")
