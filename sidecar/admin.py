@@ -1,0 +1,104 @@
+"""The operator's view on the proxy's own port: health, per-job totals, Prometheus metrics.
+
+``/sidecar/*`` needs ``Authorization: Bearer <admin token>`` when a token is configured;
+``/metrics`` stays open for the scraper, as is usual for Prometheus endpoints.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from sidecar import __version__
+from sidecar.errors import error_response
+from sidecar.ledger import Ledger
+from sidecar.metering.jobs import InvalidJobId, parse_job_id
+from sidecar.metrics import Metrics
+
+ADMIN_PREFIX = "/sidecar/"
+
+
+class Admin:
+    def __init__(
+        self,
+        ledger: Ledger,
+        metrics: Metrics,
+        upstream: str,
+        session_getter: object,
+        admin_token: str | None,
+    ) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.upstream = upstream.rstrip("/")
+        self._session_getter = session_getter
+        self._token = admin_token.encode() if admin_token else None
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/sidecar/health", self.health),
+            web.get("/sidecar/jobs", self.jobs),
+            web.get("/sidecar/jobs/{job_id}", self.job),
+            web.get("/metrics", self.prometheus),
+        ]
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if self._token is not None and request.path.startswith(ADMIN_PREFIX):
+            supplied = request.headers.get("Authorization", "")
+            scheme, _, token = supplied.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self._token
+            ):
+                return error_response(
+                    401,
+                    "admin routes need 'Authorization: Bearer <admin token>'",
+                    type="authentication_error",
+                    code="invalid_admin_token",
+                    headers={"WWW-Authenticate": 'Bearer realm="sidecar"'},
+                )
+        return await handler(request)
+
+    async def health(self, request: web.Request) -> web.Response:
+        session: aiohttp.ClientSession = self._session_getter()  # type: ignore[operator]
+        started = time.perf_counter()
+        upstream: dict[str, object] = {"url": self.upstream}
+        try:
+            async with session.get(
+                self.upstream + "/v1/models", timeout=aiohttp.ClientTimeout(total=3)
+            ) as resp:
+                await resp.read()
+                upstream["reachable"] = resp.status < 500
+                upstream["status"] = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            upstream["reachable"] = False
+            upstream["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        upstream["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        status = "ok" if upstream["reachable"] else "degraded"
+        return web.json_response({"status": status, "version": __version__, "upstream": upstream})
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        totals = await self.ledger.jobs()
+        return web.json_response({"jobs": [t.as_json() for t in totals]})
+
+    async def job(self, request: web.Request) -> web.Response:
+        raw = request.match_info["job_id"]
+        if raw == "unattributed":
+            job_id = None
+        else:
+            try:
+                job_id = parse_job_id(raw)
+            except InvalidJobId as exc:
+                return error_response(400, str(exc), code="invalid_job_id", param="job_id")
+        totals = await self.ledger.job(job_id)
+        if totals is None:
+            return error_response(404, f"no usage recorded for job {raw}", code="unknown_job")
+        return web.json_response(totals.as_json())
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )

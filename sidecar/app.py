@@ -1,0 +1,98 @@
+"""Wires the shells, the ledger and the metrics into one aiohttp application; start/stop order.
+
+Start: ledger (schema migrated) -> engine connection pool -> listening socket.
+Stop: stop accepting -> let in-flight responses finish (their records are written) -> close the
+engine pool -> flush and close the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from sidecar.admin import Admin
+from sidecar.config import Settings
+from sidecar.ledger import Ledger, open_ledger
+from sidecar.metrics import Metrics
+from sidecar.proxy import Proxy
+
+log = logging.getLogger("sidecar")
+
+LEDGER_KEY = web.AppKey("ledger", Ledger)
+PROXY_KEY = web.AppKey("proxy", Proxy)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Application:
+    """The sidecar as an aiohttp app. The ledger is opened on startup and closed on cleanup."""
+    ledger = ledger or open_ledger(settings.ledger_url)
+    metrics = Metrics()
+    proxy = Proxy(settings, ledger, metrics)
+    admin = Admin(ledger, metrics, settings.upstream, lambda: proxy.session, settings.admin_token)
+    # The proxy reads bodies itself (with its own limit and an OpenAI-shaped 413).
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[admin.auth_middleware]
+    )
+    app[LEDGER_KEY] = ledger
+    app[PROXY_KEY] = proxy
+    app[METRICS_KEY] = metrics
+    app.add_routes(admin.routes())
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+
+    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+        await ledger.open()
+        interrupted = await ledger.close_interrupted(time.time_ns() // 1_000_000)
+        if interrupted:
+            log.warning(
+                "%d stream(s) were cut off by an earlier stop; their last persisted counts stand",
+                interrupted,
+            )
+        await proxy.start()
+        yield
+        await proxy.close()
+        await ledger.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    # handler_cancellation: a client that leaves cancels its handler, which closes the engine
+    # request so the engine stops generating tokens nobody will read.
+    return web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    app = build_app(settings)
+    runner = make_runner(app)
+    await runner.setup()
+    host, port = settings.listen_host_port
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log.info(
+        "sidecar listening on http://%s:%d, relaying to %s (engine %s), ledger %s",
+        host,
+        port,
+        settings.upstream,
+        settings.engine,
+        settings.ledger_url,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: finishing in-flight responses (up to %.0f s)", SHUTDOWN_GRACE_SECONDS)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")

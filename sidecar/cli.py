@@ -1,0 +1,162 @@
+"""The ``sidecar`` command: ``serve`` the proxy, read the ledger with ``jobs``, run the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from sidecar import __version__
+from sidecar.config import ConfigError, Settings, add_arguments, load_settings
+from sidecar.ledger import JobTotals, open_ledger
+from sidecar.metering.jobs import InvalidJobId, parse_job_id
+
+log = logging.getLogger("sidecar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="A metering proxy in front of an unchanged OpenAI-compatible LLM engine: it "
+        "relays every request, counts each job's tokens from the engine's own output and records "
+        "them durably before the response ends.",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Relay every request to the engine and meter its answers. Options come from "
+        "flags, then SIDECAR_* environment variables, then a TOML file (--config), then "
+        "defaults.",
+    )
+    add_arguments(serve)
+
+    jobs = commands.add_parser(
+        "jobs",
+        help="show the tokens metered per job, from the ledger",
+        description="Read the ledger (the same one `serve` writes; safe while it runs) and print "
+        "each job's totals.",
+    )
+    jobs.add_argument("job", nargs="?", help="one job id (e.g. 164 or 164n); default: all jobs")
+    jobs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_arguments(jobs)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the end-to-end demo on a local model (used by `make demo`)",
+        description="Start the engine on a GGUF model and the sidecar in front of it, send "
+        "streamed and non-streamed requests for two jobs with the OpenAI SDK, print what was "
+        "metered, and stop everything.",
+    )
+    demo.add_argument("--model", required=True, help="path of a GGUF model for the engine")
+    demo.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for the demo's ledger and logs (default: a temporary one)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = vars(args)
+    try:
+        if args.command == "serve":
+            settings = load_settings(flags)
+            _setup_logging(settings)
+            log.info("settings: %s", settings.describe())
+            from sidecar.app import serve
+
+            asyncio.run(serve(settings))
+            return 0
+        if args.command == "jobs":
+            return _jobs(load_settings(flags), args.job, as_json=args.json)
+        if args.command == "demo":
+            from sidecar.demo import run_demo
+
+            return run_demo(model=args.model, workdir=args.workdir)
+    except ConfigError as exc:
+        print(f"sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _jobs(settings: Settings, job: str | None, *, as_json: bool) -> int:
+    job_id: int | None = None
+    if job is not None and job != "unattributed":
+        try:
+            job_id = parse_job_id(job)
+        except InvalidJobId as exc:
+            print(f"sidecar: {exc}", file=sys.stderr)
+            return 2
+
+    async def read() -> list[JobTotals]:
+        ledger = open_ledger(settings.ledger_url)
+        await ledger.open()
+        try:
+            if job is None:
+                return await ledger.jobs()
+            one = await ledger.job(job_id)
+            return [one] if one is not None else []
+        finally:
+            await ledger.close()
+
+    totals = asyncio.run(read())
+    if job is not None and not totals:
+        print(f"sidecar: no usage recorded for job {job} in {settings.ledger_url}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps([t.as_json() for t in totals], indent=2))
+    else:
+        print(format_jobs_table(totals))
+    return 0
+
+
+def format_jobs_table(totals: Sequence[JobTotals]) -> str:
+    """A fixed-width table of job totals, for people."""
+    header = ("job", "requests", "open", "prompt", "completion", "billable", "by source")
+    rows = [header]
+    for t in totals:
+        sources = ", ".join(f"{k} {v}" for k, v in sorted(t.billable_by_source.items())) or "-"
+        rows.append(
+            (
+                "unattributed" if t.job_id is None else str(t.job_id),
+                str(t.requests),
+                str(t.open_requests),
+                str(t.prompt_tokens),
+                str(t.completion_tokens),
+                str(t.billable_tokens),
+                sources,
+            )
+        )
+    if len(rows) == 1:
+        return "no usage recorded yet"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            c.ljust(w) if i in (0, 6) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
