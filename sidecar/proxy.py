@@ -27,7 +27,7 @@ from sidecar.config import Settings
 from sidecar.engines import engine_profile
 from sidecar.errors import error_response
 from sidecar.ledger import Ledger, RecordState, UsageRecord
-from sidecar.metering import Endpoint, Source, Usage
+from sidecar.metering import Endpoint, Source, Usage, estimate
 from sidecar.metering.jobs import InvalidJobId
 from sidecar.metering.requests import InvalidRequestBody, PreparedRequest, prepare_request
 from sidecar.metering.usage import StreamMeter, usage_from_body
@@ -117,6 +117,9 @@ class Proxy:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # The last-resort tokenizer takes a fraction of a second to build: do it now, off the
+        # event loop, rather than on the first answer that lacks usage.
+        await asyncio.to_thread(estimate.load)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -335,16 +338,21 @@ class Proxy:
             )
         usage: Usage | None = None
         if upstream.status < 300:
-            usage = usage_from_body(ex.endpoint, payload)
-            if usage is None:
-                self.metrics.stream_anomalies.inc()
+            anomalies: list[str] = []
+            usage = usage_from_body(ex.endpoint, payload, anomalies)
+            if anomalies:
+                self.metrics.stream_anomalies.inc(len(anomalies))
                 log.warning(
-                    "engine answer to %s (job %s) is not a usable JSON body; recorded 0 tokens",
+                    "engine answer to %s (job %s, request %s) was malformed: %s",
                     request.path,
                     ex.job_id,
+                    ex.key,
+                    "; ".join(anomalies[:5]),
                 )
         if usage is None:
-            usage = Usage(prompt_tokens=0, completion_tokens=0, source=Source.REPORTED)
+            # An error answer, or a body nothing can be read from: zero tokens, and never
+            # marked as reported by the engine.
+            usage = Usage(prompt_tokens=None, completion_tokens=0, source=Source.ESTIMATED)
         record = self._record(ex, usage, RecordState.FINAL, upstream.status)
         try:
             await self._commit(record)

@@ -21,6 +21,7 @@ COMMIT_DELAY = 0.3
 def slow_commits(ledger, committed: dict[str, float]) -> None:
     """Delay every final commit's acknowledgement and note when it was acknowledged."""
     original = ledger.submit
+    tasks: set[asyncio.Task] = set()
 
     def submit(record):
         inner = original(record)
@@ -35,7 +36,9 @@ def slow_commits(ledger, committed: dict[str, float]) -> None:
             committed[record.key] = time.monotonic()
             outer.set_result(None)
 
-        loop.create_task(later())
+        task = loop.create_task(later())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return outer
 
     ledger.submit = submit
