@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, add_arguments, load_settings
@@ -103,6 +104,14 @@ def _jobs(settings: Settings, job: str | None, *, as_json: bool) -> int:
         except InvalidJobId as exc:
             print(f"sidecar: {exc}", file=sys.stderr)
             return 2
+
+    path = Path(settings.ledger_url.removeprefix("sqlite:///")).expanduser()
+    if not path.exists():
+        print(
+            f"sidecar: no ledger at {path} (has `sidecar serve` run with this --ledger?)",
+            file=sys.stderr,
+        )
+        return 1
 
     async def read() -> list[JobTotals]:
         ledger = open_ledger(settings.ledger_url)

@@ -152,3 +152,27 @@ async def test_client_disconnect_stops_the_engine(llama_server, sidecar_factory)
     [record] = records
     assert record.state is RecordState.ABORTED
     assert 5 <= record.completion_tokens < 1800
+
+
+@pytest.fixture(scope="module")
+def embedding_server(tmp_path_factory):
+    from tests.support.llama import LlamaServer
+
+    with LlamaServer(tmp_path_factory.mktemp("llama-emb"), extra_args=["--embedding", "True"]) as s:
+        yield s
+
+
+async def test_embeddings_bill_their_input(embedding_server, sidecar_factory) -> None:
+    sidecar = await sidecar_factory(embedding_server.base_url)
+    client = client_for(sidecar.url)
+    answer = await client.embeddings.create(
+        model="tiny", input=["hello world", "abc"], extra_body={"job_id": 31}
+    )
+    assert answer.usage.prompt_tokens > 0 and len(answer.data) == 2
+    [record] = await sidecar.ledger.records(31)
+    assert (record.prompt_tokens, record.completion_tokens, record.source) == (
+        answer.usage.prompt_tokens,
+        0,
+        Source.REPORTED,
+    )
+    assert record.billable_tokens == answer.usage.prompt_tokens

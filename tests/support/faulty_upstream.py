@@ -10,7 +10,9 @@ the way the request's ``model`` names:
 * ``fault:slow``          one chunk every 20 ms until the client goes away (records that);
 * ``fault:no-usage``      a non-stream answer without a ``usage`` object;
 * ``fault:not-json``      a 200 answer whose body is not JSON.
-Everything else answers a normal stream/non-stream of ``max_tokens`` chunks.
+Everything else answers a normal stream/non-stream of ``max_tokens`` chunks; a stream request with
+``stream_options.include_usage`` also gets the usage-only chunk (``choices: []``) that vLLM,
+llama.cpp's server and OpenAI send before ``[DONE]``, which llama-cpp-python never sends.
 """
 
 from __future__ import annotations
@@ -128,6 +130,17 @@ class FaultyUpstream:
         for _ in range(n):
             await response.write(chat_chunk("tok"))
         await response.write(chat_chunk("", finish="length"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
+            last = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "fake",
+                "choices": [],
+                "usage": usage,
+            }
+            await response.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         if model != "fault:no-done":
             await response.write(DONE)
         await response.write_eof()

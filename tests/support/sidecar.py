@@ -91,7 +91,7 @@ class SidecarProcess:
                     raise RuntimeError(f"sidecar exited early: {self.log_tail()}")
                 try:
                     async with session.get(self.url + "/sidecar/health") as resp:
-                        if resp.status == 200:
+                        if resp.status in (200, 401):  # 401: up, behind an admin token
                             return
                 except aiohttp.ClientError:
                     pass
