@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -19,7 +20,7 @@ from sidecar.ledger import Ledger
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
 from sidecar.metrics import Metrics
 
-ADMIN_PREFIX = "/sidecar/"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Admin:
@@ -39,20 +40,25 @@ class Admin:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/sidecar/health", self.health),
-            web.get("/sidecar/jobs", self.jobs),
-            web.get("/sidecar/jobs/{job_id}", self.job),
+            web.get("/sidecar/health", self._guarded(self.health)),
+            web.get("/sidecar/jobs", self._guarded(self.jobs)),
+            web.get("/sidecar/jobs/{job_id}", self._guarded(self.job)),
             web.get("/metrics", self.prometheus),
+            # /sidecar/* is the sidecar's own: an unknown path there is never relayed.
+            web.route("*", "/sidecar/{tail:.*}", self._guarded(self.not_found)),
         ]
 
-    @web.middleware
-    async def auth_middleware(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if self._token is not None and request.path.startswith(ADMIN_PREFIX):
+    def _guarded(self, handler: Handler) -> Handler:
+        """The handler behind the admin token, when one is set (no per-request middleware:
+        the proxied routes must not pay for the admin routes' guard)."""
+        if self._token is None:
+            return handler
+        token = self._token
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
             supplied = request.headers.get("Authorization", "")
-            scheme, _, token = supplied.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self._token
-            ):
+            scheme, _, given = supplied.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
                 return error_response(
                     401,
                     "admin routes need 'Authorization: Bearer <admin token>'",
@@ -60,7 +66,9 @@ class Admin:
                     code="invalid_admin_token",
                     headers={"WWW-Authenticate": 'Bearer realm="sidecar"'},
                 )
-        return await handler(request)
+            return await handler(request)
+
+        return guarded
 
     async def health(self, request: web.Request) -> web.Response:
         session: aiohttp.ClientSession = self._session_getter()  # type: ignore[operator]
@@ -97,6 +105,14 @@ class Admin:
         if totals is None:
             return error_response(404, f"no usage recorded for job {raw}", code="unknown_job")
         return web.json_response(totals.as_json())
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error_response(
+            404,
+            f"no admin route {request.method} {request.path}; see /sidecar/health, "
+            "/sidecar/jobs, /sidecar/jobs/{job_id}",
+            code="unknown_route",
+        )
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(

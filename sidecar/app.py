@@ -36,9 +36,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     proxy = Proxy(settings, ledger, metrics)
     admin = Admin(ledger, metrics, settings.upstream, lambda: proxy.session, settings.admin_token)
     # The proxy reads bodies itself (with its own limit and an OpenAI-shaped 413).
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[admin.auth_middleware]
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[LEDGER_KEY] = ledger
     app[PROXY_KEY] = proxy
     app[METRICS_KEY] = metrics

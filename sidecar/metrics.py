@@ -6,6 +6,8 @@ free of bookkeeping.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 UNATTRIBUTED = "unattributed"
@@ -83,6 +85,39 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+
+        # labels() costs a lock and a tuple build per call: keep the children of hot label sets.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_upstream(self, endpoint: str, seconds: float) -> None:
+        self._child(self.upstream_latency, endpoint).observe(seconds)
+
+    def count_response(
+        self,
+        endpoint: str,
+        status: int,
+        job: int | None,
+        source: str,
+        prompt_tokens: int | None,
+        completion_tokens: int,
+        billable_tokens: int,
+    ) -> None:
+        """One relayed response's request and token counters."""
+        self._child(self.requests, endpoint, str(status)).inc()
+        label = UNATTRIBUTED if job is None else str(job)
+        if prompt_tokens:
+            self._child(self.tokens, label, "prompt", source).inc(prompt_tokens)
+        if completion_tokens:
+            self._child(self.tokens, label, "completion", source).inc(completion_tokens)
+        if billable_tokens:
+            self._child(self.tokens, label, "billable", source).inc(billable_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,9 +14,10 @@ feeds the engine's bytes to a meter, and hands usage records to the ledger. Inva
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -31,7 +32,7 @@ from sidecar.metering import Endpoint, Source, Usage, estimate
 from sidecar.metering.jobs import InvalidJobId
 from sidecar.metering.requests import InvalidRequestBody, PreparedRequest, prepare_request
 from sidecar.metering.usage import StreamMeter, usage_from_body
-from sidecar.metrics import UNATTRIBUTED, Metrics
+from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -113,13 +114,14 @@ class Proxy:
         self.inject_include_usage = engine_profile(settings.engine).inject_include_usage
         self.bill_total = settings.bill == "total"
         self._session: aiohttp.ClientSession | None = None
+        # Idempotency keys: a random 64-bit prefix per process and a counter (uuid4 would cost
+        # a system call per request); unique across restarts and replicas.
+        prefix = os.urandom(8).hex()
+        self._keys = (f"{prefix}-{n:x}" for n in itertools.count(1))
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # The last-resort tokenizer takes a fraction of a second to build: do it now, off the
-        # event loop, rather than on the first answer that lacks usage.
-        await asyncio.to_thread(estimate.load)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -256,7 +258,7 @@ class Proxy:
                 param="job_id",
             )
         exchange = _Exchange(
-            key=uuid.uuid4().hex,
+            key=next(self._keys),
             endpoint=endpoint,
             job_id=prepared.job_id,
             model=prepared.model,
@@ -267,7 +269,7 @@ class Proxy:
             upstream = await self._open_upstream(request, prepared.body, _METERED_REQUEST_DROP)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return self._upstream_error(exc)
-        self.metrics.upstream_latency.labels(endpoint.value).observe(time.perf_counter() - sent_at)
+        self.metrics.observe_upstream(endpoint.value, time.perf_counter() - sent_at)
         async with upstream:
             content_type = upstream.headers.get("Content-Type", "")
             if upstream.status < 300 and content_type.startswith("text/event-stream"):
@@ -312,15 +314,15 @@ class Proxy:
         self._count(record)
 
     def _count(self, record: UsageRecord) -> None:
-        self.metrics.requests.labels(record.endpoint, str(record.status)).inc()
-        job = UNATTRIBUTED if record.job_id is None else str(record.job_id)
-        source = record.source.value
-        if record.prompt_tokens:
-            self.metrics.tokens.labels(job, "prompt", source).inc(record.prompt_tokens)
-        if record.completion_tokens:
-            self.metrics.tokens.labels(job, "completion", source).inc(record.completion_tokens)
-        if record.billable_tokens:
-            self.metrics.tokens.labels(job, "billable", source).inc(record.billable_tokens)
+        self.metrics.count_response(
+            record.endpoint,
+            record.status,
+            record.job_id,
+            record.source.value,
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.billable_tokens,
+        )
 
     async def _metered_body(
         self, request: web.Request, upstream: aiohttp.ClientResponse, ex: _Exchange
@@ -338,6 +340,10 @@ class Proxy:
             )
         usage: Usage | None = None
         if upstream.status < 300:
+            if not estimate.loaded() and b'"usage"' not in payload:
+                # The last-resort tokenizer takes a fraction of a second to build: off the
+                # event loop, and only for engines that ever answer without usage.
+                await asyncio.to_thread(estimate.load)
             anomalies: list[str] = []
             usage = usage_from_body(ex.endpoint, payload, anomalies)
             if anomalies:

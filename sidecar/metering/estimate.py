@@ -92,6 +92,11 @@ def estimator() -> Estimator:
     return _info if _info is not None else load()
 
 
+def loaded() -> bool:
+    """Whether the tokenizer was already tried (so count_tokens will not block to build it)."""
+    return _info is not None
+
+
 def load() -> Estimator:
     """Build the tokenizer once (thread-safe). Later calls return the first outcome."""
     global _encoder, _info

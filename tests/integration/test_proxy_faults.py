@@ -260,6 +260,11 @@ async def test_admin_token_guards_admin_routes_only(sidecar_factory, faulty_upst
             assert resp.status == 404
         async with client.get(sidecar.url + "/sidecar/jobs/nope", headers=auth) as resp:
             assert resp.status == 400
+        async with client.get(sidecar.url + "/sidecar/nothing", headers=auth) as resp:
+            assert resp.status == 404
+            assert_openai_error(await resp.json(), "unknown_route")
+        async with client.get(sidecar.url + "/sidecar/nothing") as resp:
+            assert resp.status == 401
         async with client.get(sidecar.url + "/metrics") as resp:
             assert resp.status == 200
             metrics = await resp.text()
