@@ -37,7 +37,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# wrk is the JSON load generator (Debian package); without it the bench falls back to a
+# slower Python client and says so.
 bench: $(STAMP)
+	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || echo "wrk not installed: using the Python client"
 	$(BIN)/python bench/overhead.py
 
 clean:
