@@ -1,8 +1,22 @@
 """Durable usage ledger: one interface, several backends chosen by URL."""
 
-from sidecar.ledger.base import JobTotals, Ledger, LedgerClosedError, RecordState, UsageRecord
+from sidecar.ledger.base import (
+    Claim,
+    ClaimConflictError,
+    ClaimKind,
+    ClaimState,
+    JobTotals,
+    Ledger,
+    LedgerClosedError,
+    RecordState,
+    UsageRecord,
+)
 
 __all__ = [
+    "Claim",
+    "ClaimConflictError",
+    "ClaimKind",
+    "ClaimState",
     "JobTotals",
     "Ledger",
     "LedgerClosedError",

@@ -48,6 +48,71 @@ class UsageRecord:
         return (self.prompt_tokens or 0) + self.completion_tokens
 
 
+class ClaimKind(StrEnum):
+    PROOF = "proof"  # submitProofOfWork: a delta of billable tokens
+    SETTLE = "settle"  # completeSessionJob: the session's settlement
+
+
+class ClaimState(StrEnum):
+    """An outbox row's life: pending -> sent (tx hash) -> confirmed | failed.
+
+    ``unclaimable`` marks a remainder the contract will never accept (under its minimum claim at
+    settlement): recorded so the books balance, never sent.
+    """
+
+    PENDING = "pending"
+    SENT = "sent"
+    CONFIRMED = "confirmed"
+    FAILED = "failed"
+    UNCLAIMABLE = "unclaimable"
+
+
+TERMINAL_CLAIM_STATES = frozenset({ClaimState.CONFIRMED, ClaimState.UNCLAIMABLE})
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One on-chain transaction of a job, written before it is sent (a durable outbox row).
+
+    ``seq`` numbers a job's claims from 1. A proof claims the billable tokens
+    ``[first_token, end_token)`` of the job (``tokens == end_token - first_token``); ``payload``
+    holds the transaction's deterministic arguments (the proof bytes, or the settlement's
+    conversation CID), so a resend after an unknown outcome sends exactly the same claim.
+    """
+
+    job_id: int
+    seq: int
+    kind: ClaimKind
+    tokens: int
+    first_token: int
+    end_token: int
+    payload: bytes
+    state: ClaimState
+    tx_hash: str | None = None
+    nonce: int | None = None
+    error: str | None = None
+    created_ms: int = 0
+    updated_ms: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "seq": self.seq,
+            "kind": self.kind.value,
+            "tokens": self.tokens,
+            "token_range": [self.first_token, self.end_token],
+            "state": self.state.value,
+            "tx_hash": self.tx_hash,
+            "nonce": self.nonce,
+            "error": self.error,
+            "created_ms": self.created_ms,
+            "updated_ms": self.updated_ms,
+        }
+
+
+class ClaimConflictError(ValueError):
+    """A claim with this (job, seq) exists already with different content."""
+
+
 @dataclass(frozen=True, slots=True)
 class JobTotals:
     """Everything metered for one job (``job_id`` None: the unattributed requests)."""
@@ -125,3 +190,33 @@ class Ledger(ABC):
     @abstractmethod
     async def records(self, job_id: int | None) -> list[UsageRecord]:
         """The records of one job, oldest first."""
+
+    # -- the on-chain outbox ---------------------------------------------------------------
+
+    @abstractmethod
+    async def add_claim(self, claim: Claim) -> None:
+        """Durably insert an outbox row. Adding an identical row again is a no-op (a retry);
+        a different row with the same (job, seq) raises :class:`ClaimConflictError`."""
+
+    @abstractmethod
+    async def update_claim(
+        self,
+        job_id: int,
+        seq: int,
+        state: ClaimState,
+        *,
+        now_ms: int,
+        tx_hash: str | None = None,
+        nonce: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Move a row forward durably. A terminal row (confirmed, unclaimable) never changes;
+        tx_hash/nonce/error given as None keep their stored values."""
+
+    @abstractmethod
+    async def claims(self, job_id: int | None = None) -> list[Claim]:
+        """Outbox rows of one job (or of every job), in (job, seq) order."""
+
+    @abstractmethod
+    async def unfinished_claims(self) -> list[Claim]:
+        """Rows the sender still owes an outcome (pending or sent), in (job, seq) order."""

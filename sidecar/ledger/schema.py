@@ -43,6 +43,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Per-job totals and per-job record listings both select or group by job.
         "CREATE INDEX usage_records_by_job ON usage_records (job_id, started_ms)",
     ),
+    # 2: the on-chain outbox: every claim and settlement, written before it is sent.
+    (
+        """
+        CREATE TABLE claims (
+            job_id      TEXT    NOT NULL CHECK (
+                length(job_id) BETWEEN 1 AND 78
+                AND job_id NOT GLOB '*[^0-9]*'
+                AND (job_id = '0' OR job_id NOT GLOB '0*')
+            ),
+            seq         INTEGER NOT NULL CHECK (seq >= 1),
+            kind        TEXT    NOT NULL CHECK (kind IN ('proof', 'settle')),
+            tokens      INTEGER NOT NULL CHECK (tokens >= 0),
+            first_token INTEGER NOT NULL CHECK (first_token >= 0),
+            end_token   INTEGER NOT NULL CHECK (end_token - first_token = tokens),
+            payload     BLOB    NOT NULL,
+            state       TEXT    NOT NULL CHECK (
+                state IN ('pending', 'sent', 'confirmed', 'failed', 'unclaimable')
+            ),
+            tx_hash     TEXT,
+            nonce       INTEGER,
+            error       TEXT,
+            created_ms  INTEGER NOT NULL,
+            updated_ms  INTEGER NOT NULL,
+            PRIMARY KEY (job_id, seq)
+        )
+        """,
+        "CREATE INDEX claims_unfinished ON claims (state) WHERE state IN ('pending', 'sent')",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -28,7 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from sidecar.ledger.base import JobTotals, Ledger, LedgerClosedError, RecordState, UsageRecord
+from sidecar.ledger.base import (
+    TERMINAL_CLAIM_STATES,
+    Claim,
+    ClaimConflictError,
+    ClaimKind,
+    ClaimState,
+    JobTotals,
+    Ledger,
+    LedgerClosedError,
+    RecordState,
+    UsageRecord,
+)
 from sidecar.ledger.schema import migrate
 from sidecar.metering.types import Source
 
@@ -92,6 +103,17 @@ ORDER BY job_id IS NULL, length(job_id), job_id
 """
 _JOB_TOTALS: Final = _TOTALS.format(where="WHERE job_id IS ?")
 _ALL_TOTALS: Final = _TOTALS.format(where="")
+
+_CLAIM_COLUMNS: Final = (
+    "job_id, seq, kind, tokens, first_token, end_token, payload, state, tx_hash, nonce, error,"
+    " created_ms, updated_ms"
+)
+_CLAIM_ORDER: Final = "ORDER BY length(job_id), job_id, seq"
+_CLAIMS_OF_JOB: Final = f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE job_id = ? {_CLAIM_ORDER}"
+_ALL_CLAIMS: Final = f"SELECT {_CLAIM_COLUMNS} FROM claims {_CLAIM_ORDER}"
+_UNFINISHED_CLAIMS: Final = (
+    f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE state IN ('pending', 'sent') {_CLAIM_ORDER}"
+)
 
 _RECORDS: Final = f"""
 SELECT {_COLUMNS} FROM usage_records WHERE job_id IS ? ORDER BY started_ms, rowid
@@ -164,6 +186,43 @@ def _from_row(row: Sequence[Any]) -> UsageRecord:
         status=status,
         started_ms=t0,
         updated_ms=t1,
+    )
+
+
+def _claim_from_row(row: Sequence[Any]) -> Claim:
+    job_id, seq, kind, tokens, first, end, payload, state, tx_hash, nonce, error, t0, t1 = row
+    return Claim(
+        job_id=int(job_id),
+        seq=seq,
+        kind=ClaimKind(kind),
+        tokens=tokens,
+        first_token=first,
+        end_token=end,
+        payload=bytes(payload),
+        state=ClaimState(state),
+        tx_hash=tx_hash,
+        nonce=nonce,
+        error=error,
+        created_ms=t0,
+        updated_ms=t1,
+    )
+
+
+def _claim_row(claim: Claim) -> tuple[Any, ...]:
+    return (
+        _job_text(claim.job_id),
+        operator.index(claim.seq),
+        ClaimKind(claim.kind).value,
+        operator.index(claim.tokens),
+        operator.index(claim.first_token),
+        operator.index(claim.end_token),
+        bytes(claim.payload),
+        ClaimState(claim.state).value,
+        claim.tx_hash,
+        _optional_int(claim.nonce),
+        claim.error,
+        operator.index(claim.created_ms),
+        operator.index(claim.updated_ms),
     )
 
 
@@ -279,6 +338,10 @@ class SQLiteLedger(Ledger):
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
+        # Outbox rows are few (a claim per 100+ tokens): their own connection and thread, so a
+        # claim never waits behind a burst of usage records and vice versa (WAL + busy timeout).
+        self._claims: ThreadPoolExecutor | None = None
+        self._claims_conn: sqlite3.Connection | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
 
@@ -304,6 +367,12 @@ class SQLiteLedger(Ledger):
                 write_conn.close()
                 raise
             self._reader, self._read_conn = reader, read_conn
+            claims = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-claims")
+            loop = asyncio.get_running_loop()
+            self._claims_conn = await loop.run_in_executor(
+                claims, _open_writer, self.path, self.busy_timeout_ms
+            )
+            self._claims = claims
             # daemon: an interpreter exiting without close() must not hang on the queue. What
             # it drops was never reported durable (no future resolved), as after a kill -9.
             self._writer = threading.Thread(
@@ -320,6 +389,12 @@ class SQLiteLedger(Ledger):
             if writer is not None:
                 self._queue.put(None)
                 await asyncio.to_thread(writer.join)
+            claims, claims_conn = self._claims, self._claims_conn
+            self._claims = self._claims_conn = None
+            if claims is not None:
+                if claims_conn is not None:
+                    await asyncio.get_running_loop().run_in_executor(claims, claims_conn.close)
+                claims.shutdown(wait=True)
             reader, read_conn = self._reader, self._read_conn
             self._reader = self._read_conn = None
             if reader is not None:
@@ -375,6 +450,106 @@ class SQLiteLedger(Ledger):
         job_text = _job_text(job_id)
         rows = await self._read(lambda conn: conn.execute(_RECORDS, (job_text,)).fetchall())
         return [_from_row(row) for row in rows]
+
+    # -- the on-chain outbox ---------------------------------------------------------------
+
+    async def add_claim(self, claim: Claim) -> None:
+        row = _claim_row(claim)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                existing = conn.execute(
+                    f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE job_id = ? AND seq = ?",
+                    (row[0], row[1]),
+                ).fetchone()
+                if existing is None:
+                    conn.execute(
+                        f"INSERT INTO claims ({_CLAIM_COLUMNS}) VALUES "
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if existing is not None:
+                stored = _claim_from_row(existing)
+                # The same claim added again (a retry) is fine; anything else is a bug upstream.
+                same = (
+                    stored.kind,
+                    stored.tokens,
+                    stored.first_token,
+                    stored.end_token,
+                    stored.payload,
+                ) == (
+                    claim.kind,
+                    claim.tokens,
+                    claim.first_token,
+                    claim.end_token,
+                    bytes(claim.payload),
+                )
+                if not same:
+                    raise ClaimConflictError(
+                        f"job {claim.job_id} already has a different claim #{claim.seq}"
+                    )
+
+        await self._write_claims(insert)
+
+    async def update_claim(
+        self,
+        job_id: int,
+        seq: int,
+        state: ClaimState,
+        *,
+        now_ms: int,
+        tx_hash: str | None = None,
+        nonce: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        params = (
+            ClaimState(state).value,
+            tx_hash,
+            _optional_int(nonce),
+            error,
+            operator.index(now_ms),
+            _job_text(job_id),
+            operator.index(seq),
+            *sorted(s.value for s in TERMINAL_CLAIM_STATES),
+        )
+
+        def update(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    "UPDATE claims SET state = ?, tx_hash = COALESCE(?, tx_hash),"
+                    " nonce = COALESCE(?, nonce), error = ?, updated_ms = ?"
+                    " WHERE job_id = ? AND seq = ? AND state NOT IN (?, ?)",
+                    params,
+                )
+
+        await self._write_claims(update)
+
+    async def claims(self, job_id: int | None = None) -> list[Claim]:
+        if job_id is None:
+            rows = await self._read(lambda conn: conn.execute(_ALL_CLAIMS).fetchall())
+        else:
+            job_text = _job_text(job_id)
+            rows = await self._read(
+                lambda conn: conn.execute(_CLAIMS_OF_JOB, (job_text,)).fetchall()
+            )
+        return [_claim_from_row(row) for row in rows]
+
+    async def unfinished_claims(self) -> list[Claim]:
+        rows = await self._read(lambda conn: conn.execute(_UNFINISHED_CLAIMS).fetchall())
+        return [_claim_from_row(row) for row in rows]
+
+    async def _write_claims(self, op: Callable[[sqlite3.Connection], None]) -> None:
+        executor, conn = self._claims, self._claims_conn
+        if executor is None or conn is None:
+            state = "closed" if self._closed else "not open"
+            raise LedgerClosedError(f"{self!r} is {state}")
+        await asyncio.get_running_loop().run_in_executor(executor, op, conn)
 
     async def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
         reader, conn = self._reader, self._read_conn
