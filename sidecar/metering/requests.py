@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.metering import safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS, resolve_job_id
 from sidecar.metering.types import Endpoint
 
@@ -88,7 +89,7 @@ def prepare_request(
 
 def _parse_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        body = safejson.loads(raw)
     except RecursionError:
         raise InvalidRequestBody("request body is nested too deeply to parse") from None
     except UnicodeDecodeError as exc:
@@ -125,7 +126,7 @@ def _duplicate_job_fields(raw: bytes) -> list[tuple[str, object]]:
         top.append(pairs)  # objects close inner-first: the top-level object comes last
         return dict(pairs)
 
-    json.loads(raw, object_pairs_hook=keep_pairs)
+    safejson.loads(raw, object_pairs_hook=keep_pairs)
     return [(f"body field {key!r}", value) for key, value in top[-1] if key in JOB_BODY_FIELDS]
 
 

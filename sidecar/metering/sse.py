@@ -134,8 +134,10 @@ class SSEDecoder:
                 and _CR not in data  # int in bytes is a bare memchr: much cheaper than b"\r"
             ):
                 text = data[6 : n - 2].decode("utf-8", "replace")
-                start = self._fed
-                self._fed = self._block_start = end = start + n
+                # The block began where the last one ended: lines that left no state behind
+                # (a comment, an unknown field) may have come before this read.
+                start = self._block_start
+                self._fed = self._block_start = end = self._fed + n
                 if text == DONE:
                     self.done = True
                 return [SSEEvent(text, "message", self.last_event_id, start, end)]

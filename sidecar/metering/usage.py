@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any, NamedTuple
 
-from sidecar.metering import estimate
+from sidecar.metering import estimate, safejson
 from sidecar.metering.sse import DONE, SSEDecoder, SSEEvent
 from sidecar.metering.types import Endpoint, Source, Usage
 
@@ -115,7 +115,7 @@ def usage_from_body(
     a list is given.
     """
     try:
-        obj = json.loads(body)
+        obj = safejson.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         if anomalies is not None:
             anomalies.append(f"response body is not valid JSON ({exc})")
@@ -354,7 +354,7 @@ class StreamMeter:
                     self._add(n)
                     return
         try:
-            obj = json.loads(text)
+            obj = safejson.loads(text)
         except (ValueError, RecursionError):
             self._note(f"event data is not valid JSON (skipped): {_show(text)}")
             return

@@ -223,3 +223,30 @@ def test_removing_the_job_keeps_everything_else(obj: dict[str, Any], job: int) -
     )
     assert prepared.job_id == job
     assert json.loads(prepared.body) == obj
+
+
+def test_deep_nesting_is_refused_even_with_a_raised_recursion_limit() -> None:
+    """eth_account (via py_ecc) raises the recursion limit to 100000; json's C parser would then
+    overflow the C stack on a hostile body instead of raising RecursionError."""
+    import sys
+
+    from sidecar.metering.safejson import MAX_NESTING
+
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        with pytest.raises(InvalidRequestBody, match="nested too deeply"):
+            prepare_request(
+                Endpoint.CHAT, b"[" * 100_000 + b"]" * 100_000, inject_include_usage=False
+            )
+    finally:
+        sys.setrecursionlimit(before)
+    # Brackets inside strings do not count; ordinary wide arrays are fine.
+    wide = (
+        b'{"input": ['
+        + b",".join(b"[1, 2]" for _ in range(5000))
+        + b'], "s": "'
+        + (b"[" * (MAX_NESTING + 10))
+        + b'"}'
+    )
+    assert prepare_request(Endpoint.EMBEDDINGS, wide, inject_include_usage=False).job_id is None

@@ -392,3 +392,19 @@ def test_fixture_streams_split_anywhere(path: Path) -> None:
 def test_fixture_streams_any_split(path: Path, cuts: list[int]) -> None:
     raw = path.read_bytes()
     assert decode(*split(raw, cuts)) == decode(raw)
+
+
+def test_a_block_started_by_a_stateless_line_keeps_its_start() -> None:
+    """Found by hypothesis: an unknown field line read alone, then a whole data event in the
+    next read; the event's block starts at the unknown line, not at the second read."""
+    raw = b"\xffdata: \ndata: [DONE]\n\n"
+    [whole] = decode(raw)
+    [split_event] = decode(raw[:8], raw[8:])
+    assert (
+        (split_event.raw_start, split_event.raw_end)
+        == (whole.raw_start, whole.raw_end)
+        == (
+            0,
+            len(raw),
+        )
+    )

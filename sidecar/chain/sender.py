@@ -1,0 +1,206 @@
+"""The one sender of the host key's transactions: it owns the nonce.
+
+Every transaction of the host (claims and settlements alike) goes through :meth:`ChainSender.send`,
+which holds a lock from nonce lookup to receipt: two claims and a settlement can never race for a
+nonce. A transaction is simulated first (``eth_estimateGas``), so a revert is learned with its
+reason before any gas is spent, and its gas limit is estimated every time (the v1 contract's gas
+grows with every proof of a session: a fixed limit fails after a few dozen claims). Fees are
+EIP-1559: ``maxFeePerGas = 2 * baseFee + tip``.
+
+RPC faults (connection refused, timeouts, "nonce too low", "already known", "replacement
+transaction underpriced") raise :class:`TransientChainError`; the caller retries later with
+backoff. Nothing here retries on its own, so the caller's durable outbox stays the one record of
+what was sent. The host key never reaches a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+from eth_account.signers.local import LocalAccount
+from web3 import AsyncWeb3
+from web3.exceptions import (
+    ContractLogicError,
+    ProviderConnectionError,
+    TimeExhausted,
+    TransactionNotFound,
+    Web3RPCError,
+)
+
+log = logging.getLogger("sidecar.chain")
+
+GAS_MARGIN_PERCENT = 25  # over the estimate: state can move between estimate and inclusion
+_TRANSIENT_RPC_MESSAGES = (
+    "nonce too low",
+    "already known",
+    "replacement transaction underpriced",
+    "transaction underpriced",
+    "known transaction",
+    "header not found",
+)
+
+
+class TransientChainError(Exception):
+    """The chain or its RPC did not answer usefully; try again later."""
+
+
+class Outcome(StrEnum):
+    CONFIRMED = "confirmed"  # mined with status 1
+    REVERTED = "reverted"  # the contract refused (in simulation or on-chain)
+
+
+@dataclass(frozen=True, slots=True)
+class TxResult:
+    outcome: Outcome
+    tx_hash: str | None  # None: refused in simulation, nothing was sent
+    revert_reason: str | None = None
+    block_number: int | None = None
+    logs: tuple[Any, ...] = ()
+
+
+OnSent = Callable[[str, int], Awaitable[None]]
+
+
+def revert_reason(exc: BaseException) -> str:
+    """The contract's reason string from a web3 revert error (``execution reverted: X`` -> X)."""
+    message = str(exc.args[0]) if exc.args else str(exc)
+    for prefix in ("execution reverted: ", "execution reverted:"):
+        if prefix in message:
+            return message.split(prefix, 1)[1].strip().strip("'\"")
+    return message
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(
+        exc,
+        aiohttp.ClientError | OSError | TimeoutError | ProviderConnectionError | TimeExhausted,
+    ):
+        return True
+    if isinstance(exc, Web3RPCError):
+        text = str(exc).lower()
+        return any(m in text for m in _TRANSIENT_RPC_MESSAGES)
+    return False
+
+
+class ChainSender:
+    def __init__(
+        self,
+        w3: AsyncWeb3,
+        account: LocalAccount,
+        chain_id: int,
+        *,
+        receipt_timeout: float = 120.0,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self.w3 = w3
+        self._account = account
+        self.address = account.address
+        self.chain_id = chain_id
+        self.receipt_timeout = receipt_timeout
+        self.poll_interval = poll_interval
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:  # never the key
+        return f"ChainSender(host={self.address}, chain_id={self.chain_id})"
+
+    async def send(self, to: str, data: bytes, *, on_sent: OnSent) -> TxResult:
+        """Simulate, sign and send one transaction, wait for its receipt.
+
+        ``on_sent(tx_hash, nonce)`` runs after the node accepted the transaction and before its
+        receipt is awaited: the caller makes the hash durable there, so a crash while waiting
+        leaves an outbox row that knows what to look up.
+        """
+        async with self._lock:
+            try:
+                return await self._send_locked(to, data, on_sent)
+            except (ContractLogicError, TransientChainError):
+                raise
+            except Exception as exc:
+                if _is_transient(exc):
+                    raise TransientChainError(_describe(exc)) from None
+                raise
+
+    async def _send_locked(self, to: str, data: bytes, on_sent: OnSent) -> TxResult:
+        call: dict[str, Any] = {"from": self.address, "to": to, "data": data}
+        try:
+            estimate = await self.w3.eth.estimate_gas(call)  # type: ignore[arg-type]
+        except ContractLogicError as exc:
+            return TxResult(Outcome.REVERTED, None, revert_reason(exc))
+        nonce = await self.w3.eth.get_transaction_count(self.address, "pending")
+        latest = await self.w3.eth.get_block("latest")
+        base_fee = int(latest.get("baseFeePerGas", 0) or 0)
+        tip = int(await self.w3.eth.max_priority_fee)
+        tx = {
+            **call,
+            "chainId": self.chain_id,
+            "nonce": nonce,
+            "gas": estimate * (100 + GAS_MARGIN_PERCENT) // 100,
+            "maxPriorityFeePerGas": tip,
+            "maxFeePerGas": 2 * base_fee + tip,
+            "type": 2,
+        }
+        signed = self._account.sign_transaction(tx)
+        tx_hash = "0x" + bytes(signed.hash).hex()
+        try:
+            await self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Web3RPCError as exc:
+            if "already known" not in str(exc).lower():
+                raise
+            # The very same signed transaction is already in the pool: wait for it.
+        await on_sent(tx_hash, nonce)
+        return await self._await_receipt(tx_hash, tx)
+
+    async def _await_receipt(self, tx_hash: str, tx: dict[str, Any]) -> TxResult:
+        receipt = await self.w3.eth.wait_for_transaction_receipt(
+            tx_hash,  # type: ignore[arg-type]
+            timeout=self.receipt_timeout,
+            poll_latency=self.poll_interval,
+        )
+        return await self._result(tx_hash, receipt, tx)
+
+    async def lookup(self, tx_hash: str) -> TxResult | None:
+        """The outcome of an earlier transaction, or None if the chain does not know it (yet)."""
+        try:
+            receipt = await self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+        except TransactionNotFound:
+            return None
+        except Exception as exc:
+            if _is_transient(exc):
+                raise TransientChainError(_describe(exc)) from None
+            raise
+        try:
+            tx = dict(await self.w3.eth.get_transaction(tx_hash))  # type: ignore[arg-type]
+        except TransactionNotFound:
+            tx = {}
+        return await self._result(tx_hash, receipt, tx)
+
+    async def _result(self, tx_hash: str, receipt: Any, tx: dict[str, Any]) -> TxResult:
+        block = int(receipt["blockNumber"])
+        if int(receipt["status"]) == 1:
+            return TxResult(Outcome.CONFIRMED, tx_hash, None, block, tuple(receipt["logs"]))
+        # A mined revert carries no reason: replay the call at that block to read it.
+        reason = "reverted without a reason"
+        if tx:
+            replay = {
+                "from": tx.get("from", self.address),
+                "to": tx["to"],
+                "data": tx.get("data", tx.get("input")),
+            }
+            try:
+                await self.w3.eth.call(replay, block)  # type: ignore[arg-type]
+            except ContractLogicError as exc:
+                reason = revert_reason(exc)
+            except Exception as exc:  # the replay is best effort
+                log.debug("could not replay reverted tx %s: %s", tx_hash, _describe(exc))
+        return TxResult(Outcome.REVERTED, tx_hash, reason, block, ())
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
