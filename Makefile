@@ -8,7 +8,11 @@ MODEL := var/tiny.gguf
 # llama-cpp-python compiles llama.cpp from source: use both cores.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: demo test lint format bench clean install
+DEVCHAIN := devchain
+DEVCHAIN_INSTALLED := $(DEVCHAIN)/node_modules/.package-lock.json
+DEVCHAIN_BUILT := $(DEVCHAIN)/build/.compiled
+
+.PHONY: demo test lint format bench clean install devchain
 
 install: $(STAMP)
 
@@ -17,14 +21,26 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[upstream,dev]'
 	touch $(STAMP)
 
+# The local chain: anvil and solc-js from npm (exact pins, lockfile; --ignore-scripts: nothing is
+# downloaded beyond the registry's packages), then the Solidity test doubles compiled.
+$(DEVCHAIN_INSTALLED): $(DEVCHAIN)/package.json $(DEVCHAIN)/package-lock.json
+	cd $(DEVCHAIN) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(DEVCHAIN_INSTALLED)
+
+$(DEVCHAIN_BUILT): $(DEVCHAIN_INSTALLED) $(DEVCHAIN)/compile.js $(wildcard $(DEVCHAIN)/contracts/*.sol)
+	cd $(DEVCHAIN) && node compile.js
+	touch $(DEVCHAIN_BUILT)
+
+devchain: $(DEVCHAIN_BUILT)
+
 $(MODEL): $(STAMP) upstream/make_tiny_model.py
 	mkdir -p var
 	$(BIN)/python upstream/make_tiny_model.py $(MODEL)
 
-demo: $(STAMP) $(MODEL)
+demo: $(STAMP) $(MODEL) $(DEVCHAIN_BUILT)
 	$(BIN)/sidecar demo --model $(MODEL)
 
-test: $(STAMP)
+test: $(STAMP) $(DEVCHAIN_BUILT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -44,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis $(DEVCHAIN)/node_modules $(DEVCHAIN)/build
