@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -16,9 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar import __version__
 from sidecar.errors import error_response
-from sidecar.ledger import Ledger
+from sidecar.ledger import ClaimKind, ClaimState, Ledger
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
 from sidecar.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sidecar.chain.service import ChainService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -31,7 +35,9 @@ class Admin:
         upstream: str,
         session_getter: object,
         admin_token: str | None,
+        chain: ChainService | None = None,
     ) -> None:
+        self.chain = chain
         self.ledger = ledger
         self.metrics = metrics
         self.upstream = upstream.rstrip("/")
@@ -43,6 +49,7 @@ class Admin:
             web.get("/sidecar/health", self._guarded(self.health)),
             web.get("/sidecar/jobs", self._guarded(self.jobs)),
             web.get("/sidecar/jobs/{job_id}", self._guarded(self.job)),
+            web.post("/sidecar/jobs/{job_id}/settle", self._guarded(self.settle)),
             web.get("/metrics", self.prometheus),
             # /sidecar/* is the sidecar's own: an unknown path there is never relayed.
             web.route("*", "/sidecar/{tail:.*}", self._guarded(self.not_found)),
@@ -104,7 +111,58 @@ class Admin:
         totals = await self.ledger.job(job_id)
         if totals is None:
             return error_response(404, f"no usage recorded for job {raw}", code="unknown_job")
-        return web.json_response(totals.as_json())
+        body = totals.as_json()
+        if job_id is not None:
+            claims = await self.ledger.claims(job_id)
+            proofs = [c for c in claims if c.kind is ClaimKind.PROOF]
+            body["tokens_claimed"] = sum(
+                c.tokens for c in proofs if c.state in (ClaimState.SENT, ClaimState.CONFIRMED)
+            )
+            body["tokens_confirmed"] = sum(
+                c.tokens for c in proofs if c.state is ClaimState.CONFIRMED
+            )
+            body["tokens_unclaimable"] = sum(
+                c.tokens for c in proofs if c.state is ClaimState.UNCLAIMABLE
+            )
+            body["claims"] = [c.as_json() for c in claims]
+            view = self.chain.view(job_id) if self.chain is not None else None
+            body["onchain"] = (
+                None
+                if view is None
+                else {
+                    "host": view.host,
+                    "requester": view.requester,
+                    "deposit_wei": str(view.deposit),
+                    "price_per_token_wei": str(view.price_per_token),
+                    "tokens_used": view.tokens_used,
+                    "status": view.status.name.lower(),
+                }
+            )
+        return web.json_response(body)
+
+    async def settle(self, request: web.Request) -> web.Response:
+        if self.chain is None:
+            return error_response(
+                409, "no chain is configured (--rpc-url): nothing to settle", code="no_chain"
+            )
+        try:
+            job_id = parse_job_id(request.match_info["job_id"])
+        except InvalidJobId as exc:
+            return error_response(400, str(exc), code="invalid_job_id", param="job_id")
+        from sidecar.chain.service import JobRefused
+
+        try:
+            await self.chain.request_settlement(job_id)
+        except JobRefused as exc:
+            return error_response(exc.status, str(exc), code=exc.code, param="job_id")
+        return web.json_response(
+            {
+                "job_id": str(job_id),
+                "settlement": "requested: the last claim is mined first, "
+                "then completeSessionJob once the dispute window has passed",
+            },
+            status=202,
+        )
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error_response(

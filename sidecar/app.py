@@ -33,8 +33,15 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     """The sidecar as an aiohttp app. The ledger is opened on startup and closed on cleanup."""
     ledger = ledger or open_ledger(settings.ledger_url)
     metrics = Metrics()
-    proxy = Proxy(settings, ledger, metrics)
-    admin = Admin(ledger, metrics, settings.upstream, lambda: proxy.session, settings.admin_token)
+    chain = None
+    if settings.rpc_url:
+        from sidecar.chain.service import ChainService  # web3 only when a chain is configured
+
+        chain = ChainService(settings, ledger)
+    proxy = Proxy(settings, ledger, metrics, chain)
+    admin = Admin(
+        ledger, metrics, settings.upstream, lambda: proxy.session, settings.admin_token, chain
+    )
     # The proxy reads bodies itself (with its own limit and an OpenAI-shaped 413).
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[LEDGER_KEY] = ledger
@@ -51,10 +58,16 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
                 "%d stream(s) were cut off by an earlier stop; their last persisted counts stand",
                 interrupted,
             )
-        await proxy.start()
-        yield
-        await proxy.close()
-        await ledger.close()
+        try:
+            if chain is not None:
+                await chain.start()  # refuses to start on a wrong chain, address or version
+            await proxy.start()
+            yield
+        finally:
+            await proxy.close()
+            if chain is not None:
+                await chain.stop()
+            await ledger.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

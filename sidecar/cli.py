@@ -47,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_arguments(jobs)
 
+    settle = commands.add_parser(
+        "settle",
+        help="settle a job's session on-chain (asks the running sidecar)",
+        description="Ask the running sidecar to settle JOB: its last claim is sent and mined "
+        "first, then completeSessionJob is sent once the dispute window has passed. Uses the "
+        "same settings as `serve` to find the sidecar (--listen) and its --admin-token.",
+    )
+    settle.add_argument("job", help="the job id (e.g. 164 or 164n)")
+    add_arguments(settle)
+
+    commands.add_parser(
+        "devnet",
+        help="run a local chain with the JobMarketplace test doubles (development)",
+        add_help=False,
+    )
+
     demo = commands.add_parser(
         "demo",
         help="run the end-to-end demo on a local model (used by `make demo`)",
@@ -64,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["devnet"]:
+        from sidecar.devnet import main as devnet_main
+
+        return devnet_main(argv[1:])
     args = build_parser().parse_args(argv)
     flags = vars(args)
     try:
@@ -75,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(serve(settings))
             return 0
+        if args.command == "settle":
+            return _settle(load_settings(flags), args.job)
         if args.command == "jobs":
             return _jobs(load_settings(flags), args.job, as_json=args.json)
         if args.command == "demo":
@@ -84,6 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sidecar: configuration error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from sidecar.chain.marketplace import ChainCheckError
+
+        if isinstance(exc, ChainCheckError):
+            print(f"sidecar: refusing to start: {exc}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         return 130
     return 2
@@ -133,6 +163,38 @@ def _jobs(settings: Settings, job: str | None, *, as_json: bool) -> int:
     else:
         print(format_jobs_table(totals))
     return 0
+
+
+def _settle(settings: Settings, job: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        job_id = parse_job_id(job)
+    except InvalidJobId as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
+    host, port = settings.listen_host_port
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    url = f"http://{host}:{port}/sidecar/jobs/{job_id}/settle"
+    request = urllib.request.Request(url, method="POST", data=b"")
+    if settings.admin_token:
+        request.add_header("Authorization", f"Bearer {settings.admin_token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            print(json.loads(resp.read())["settlement"])
+            return 0
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        print(f"sidecar: settling job {job_id} failed: {message}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"sidecar: no sidecar answers at {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def format_jobs_table(totals: Sequence[JobTotals]) -> str:

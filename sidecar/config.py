@@ -35,10 +35,17 @@ def _opt(
     choices: Sequence[str] | None = None,
     secret: bool = False,
     metavar: str | None = None,
+    flag: bool = True,
 ) -> Any:
     return field(
         default=default,
-        metadata={"help": help, "choices": choices, "secret": secret, "metavar": metavar},
+        metadata={
+            "help": help,
+            "choices": choices,
+            "secret": secret,
+            "metavar": metavar,
+            "flag": flag,  # False: environment or file only (a key on a command line leaks)
+        },
     )
 
 
@@ -87,6 +94,63 @@ class Settings:
         10, "seconds to wait for a connection to the engine", metavar="SECONDS"
     )
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    # -- the chain (off unless --rpc-url is given) -----------------------------------------------
+    rpc_url: str | None = _opt(
+        None, "JSON-RPC URL of the chain; enables on-chain claims and settlement", metavar="URL"
+    )
+    chain_id: int | None = _opt(None, "the chain id the RPC must answer with", metavar="ID")
+    marketplace: str | None = _opt(
+        None, "address of the JobMarketplace contract", metavar="ADDRESS"
+    )
+    contract_version: str = _opt(
+        "v1",
+        "JobMarketplace version: v1 (submitProofOfWork(uint256,uint256,bytes)) or v2 "
+        "(submitProofOfWork(uint256,uint256,bytes32,string,string))",
+        choices=("v1", "v2"),
+    )
+    host_key_file: str | None = _opt(
+        None, "file holding the host's hex private key (with or without 0x)", metavar="PATH"
+    )
+    host_key: str | None = _opt(
+        None, "the host's hex private key (prefer --host-key-file)", secret=True, flag=False
+    )
+    dispute_window: int = _opt(
+        3600,
+        "seconds after a session's start before the host may settle it (v1; read on-chain for v2)",
+        metavar="SECONDS",
+    )
+    checkpoint_tokens: int = _opt(
+        100,
+        "claim once a job has this many unclaimed billable tokens (at least 100, the "
+        "contract's minimum)",
+        metavar="TOKENS",
+    )
+    settle_after_idle: int = _opt(
+        0,
+        "settle a session after this many seconds without requests (0: never automatically)",
+        metavar="SECONDS",
+    )
+
+    def read_host_key(self) -> str:
+        """The host's private key as 0x-hex, from SIDECAR_HOST_KEY or --host-key-file.
+
+        Errors name the file, never the key.
+        """
+        raw = self.host_key
+        if raw is None and self.host_key_file:
+            try:
+                raw = Path(self.host_key_file).expanduser().read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the host key file {self.host_key_file}: {exc.strerror}"
+                ) from None
+        if raw is None:
+            raise ConfigError("no host key: set --host-key-file PATH or SIDECAR_HOST_KEY")
+        key = raw.strip().removeprefix("0x").removeprefix("0X")
+        if len(key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in key):
+            where = self.host_key_file if self.host_key is None else "SIDECAR_HOST_KEY"
+            raise ConfigError(f"the host key in {where} is not 32 bytes of hex")
+        return "0x" + key.lower()
 
     @property
     def ledger_url(self) -> str:
@@ -153,6 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "option names, e.g. require_job = true",
     )
     for f in fields(Settings):
+        if not f.metadata.get("flag", True):
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
         default = None if f.default is MISSING else f.default
@@ -234,5 +300,20 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--max-body-bytes must be positive")
     if settings.upstream_connect_timeout <= 0:
         raise ConfigError("--upstream-connect-timeout must be positive")
+    if settings.rpc_url is not None:
+        if not settings.rpc_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--rpc-url must be an http(s) URL, got {settings.rpc_url!r}")
+        if settings.chain_id is None:
+            raise ConfigError("--chain-id is required with --rpc-url")
+        if not settings.marketplace:
+            raise ConfigError("--marketplace is required with --rpc-url")
+        if not (settings.host_key_file or settings.host_key):
+            raise ConfigError(
+                "the host key is required with --rpc-url: --host-key-file PATH or SIDECAR_HOST_KEY"
+            )
+    if settings.checkpoint_tokens < 100:
+        raise ConfigError("--checkpoint-tokens must be at least 100 (the contract's minimum)")
+    if settings.dispute_window < 0 or settings.settle_after_idle < 0:
+        raise ConfigError("--dispute-window and --settle-after-idle must not be negative")
     if not settings.ledger_url.startswith("sqlite:///"):
         raise ConfigError(f"--ledger must be sqlite:///PATH, got {settings.ledger_url!r}")

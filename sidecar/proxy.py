@@ -19,18 +19,27 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.config import Settings
+
+if TYPE_CHECKING:
+    from sidecar.chain.service import ChainService
 from sidecar.engines import engine_profile
 from sidecar.errors import error_response
 from sidecar.ledger import Ledger, RecordState, UsageRecord
 from sidecar.metering import Endpoint, Source, Usage, estimate
 from sidecar.metering.jobs import InvalidJobId
-from sidecar.metering.requests import InvalidRequestBody, PreparedRequest, prepare_request
+from sidecar.metering.requests import (
+    InvalidRequestBody,
+    PreparedRequest,
+    cap_max_tokens,
+    prepare_request,
+)
 from sidecar.metering.usage import StreamMeter, usage_from_body
 from sidecar.metrics import Metrics
 
@@ -59,6 +68,8 @@ HOP_BY_HOP = frozenset(
 )
 JOB_HEADERS = ("X-Job-Id", "X-Session-Id")
 REQUEST_ID_HEADER = "X-Sidecar-Request-Id"
+# Set when the request's max_tokens was lowered to what the job's deposit still covers.
+MAX_TOKENS_HEADER = "X-Sidecar-Max-Tokens"
 
 PROGRESS_EVERY_TOKENS = 64
 PROGRESS_EVERY_SECONDS = 1.0
@@ -103,11 +114,19 @@ class _Exchange:
     job_id: int | None
     model: str | None
     started_ms: int
+    extra_headers: dict[str, str]
 
 
 class Proxy:
-    def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        metrics: Metrics,
+        chain: ChainService | None = None,
+    ) -> None:
         self.settings = settings
+        self.chain = chain
         self.ledger = ledger
         self.metrics = metrics
         self.upstream_base = settings.upstream.rstrip("/")
@@ -257,16 +276,32 @@ class Proxy:
                 code="job_required",
                 param="job_id",
             )
+        body = prepared.body
+        extra_headers: dict[str, str] = {}
+        if self.chain is not None and prepared.job_id is not None:
+            from sidecar.chain.service import JobRefused
+
+            try:
+                budget = await self.chain.admit(prepared.job_id)
+            except JobRefused as exc:
+                self.metrics.rejected.labels(exc.code).inc()
+                return error_response(exc.status, str(exc), code=exc.code, param="job_id")
+            if endpoint is not Endpoint.EMBEDDINGS:
+                body, lowered = cap_max_tokens(body, budget)
+                if lowered:
+                    # The deposit covers fewer tokens than asked: say so rather than work for free.
+                    extra_headers[MAX_TOKENS_HEADER] = str(budget)
         exchange = _Exchange(
             key=next(self._keys),
             endpoint=endpoint,
             job_id=prepared.job_id,
             model=prepared.model,
             started_ms=_now_ms(),
+            extra_headers=extra_headers,
         )
         sent_at = time.perf_counter()
         try:
-            upstream = await self._open_upstream(request, prepared.body, _METERED_REQUEST_DROP)
+            upstream = await self._open_upstream(request, body, _METERED_REQUEST_DROP)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return self._upstream_error(exc)
         self.metrics.observe_upstream(endpoint.value, time.perf_counter() - sent_at)
@@ -312,6 +347,8 @@ class Proxy:
             raise
         self.metrics.ledger_write_latency.observe(time.perf_counter() - started)
         self._count(record)
+        if self.chain is not None and record.job_id is not None:
+            self.chain.note_usage(record.job_id)
 
     def _count(self, record: UsageRecord) -> None:
         self.metrics.count_response(
@@ -366,6 +403,7 @@ class Proxy:
             return _ledger_unavailable()
         headers = forwardable_headers(upstream.headers, _RESPONSE_DROP)
         headers[REQUEST_ID_HEADER] = ex.key
+        headers.update(ex.extra_headers)
         return web.Response(
             status=upstream.status, reason=upstream.reason, body=payload, headers=headers
         )
@@ -380,6 +418,7 @@ class Proxy:
         meter = StreamMeter(ex.endpoint, strip_usage_chunk=prepared.strip_usage_chunk)
         headers = forwardable_headers(upstream.headers, _RESPONSE_DROP)
         headers[REQUEST_ID_HEADER] = ex.key
+        headers.update(ex.extra_headers)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )

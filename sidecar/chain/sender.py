@@ -129,7 +129,9 @@ class ChainSender:
     async def _send_locked(self, to: str, data: bytes, on_sent: OnSent) -> TxResult:
         call: dict[str, Any] = {"from": self.address, "to": to, "data": data}
         try:
-            estimate = await self.w3.eth.estimate_gas(call)  # type: ignore[arg-type]
+            # Against the pending block: the rate cap is measured with the timestamp of the block
+            # the claim will be mined in, and "latest" would refuse a claim it allows.
+            estimate = await self.w3.eth.estimate_gas(call, "pending")  # type: ignore[arg-type]
         except ContractLogicError as exc:
             return TxResult(Outcome.REVERTED, None, revert_reason(exc))
         nonce = await self.w3.eth.get_transaction_count(self.address, "pending")

@@ -87,6 +87,25 @@ def prepare_request(
     )
 
 
+def cap_max_tokens(body: bytes, cap: int) -> tuple[bytes, bool]:
+    """Lower the request's ``max_tokens`` (and ``max_completion_tokens``) to ``cap``.
+
+    A request that names no limit gets ``cap``. Returns the body to send and whether it changed;
+    an unchanged body is the same bytes object.
+    """
+    obj = _parse_object(body)
+    lowered = False
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = obj.get(key)
+        within = type(value) is int and 0 < value <= cap
+        # max_tokens is always bounded (absent means the engine's own, possibly unbounded,
+        # default); max_completion_tokens only when the client sent it.
+        if not within and (key == "max_tokens" or value is not None):
+            obj[key] = cap
+            lowered = True
+    return (_encode(obj), True) if lowered else (body, False)
+
+
 def _parse_object(raw: bytes) -> dict[str, Any]:
     try:
         body = safejson.loads(raw)
