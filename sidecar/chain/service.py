@@ -287,7 +287,7 @@ class ChainService:
             first = view.tokens_used
             spec = ClaimSpec(
                 chain_id=int(self.settings.chain_id or 0),
-                marketplace=bytes.fromhex(self.address[2:]),
+                marketplace=self.address,
                 job_id=job_id,
                 seq=seq,
                 first_token=first,

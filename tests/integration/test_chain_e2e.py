@@ -1,0 +1,109 @@
+"""Prompts through the sidecar on the real engine, claims and settlement on a real anvil with the
+JobMarketplace test doubles: what the chain says was used equals what the ledger claimed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI
+
+from sidecar.ledger import ClaimKind, ClaimState
+
+pytestmark = pytest.mark.integration
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    for _ in range(int(timeout / 0.05)):
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def generate(url: str, job: int, sizes: list[int]) -> None:
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    for n in sizes:
+        answer = await client.completions.create(
+            model="tiny", prompt="tell me", max_tokens=n, extra_body={"job_id": job}
+        )
+        assert answer.usage is not None and answer.usage.completion_tokens == n
+
+
+def chain_options(devnet, deployment, key_file) -> dict:
+    return {
+        "rpc_url": devnet.rpc_url,
+        "chain_id": devnet.chain_id,
+        "marketplace": deployment.marketplace,
+        "contract_version": deployment.version,
+        "host_key_file": str(key_file),
+        "dispute_window": deployment.dispute_window,
+    }
+
+
+async def test_v1_claims_and_settles_exactly(llama_server, devnet, sidecar_factory, tmp_path):
+    deployment = devnet.deploy("v1", dispute_window=30)
+    job = devnet.create_session_job(deployment)
+    before = devnet.session_job(deployment, job)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, **chain_options(devnet, deployment, key_file)
+    )
+    devnet.increase_time(60)  # the rate cap (20 tokens/s since the start) allows 1,200
+    devnet.mine()
+    await generate(sidecar.url, job, [250])  # one claim of 250 billable tokens
+
+    async def confirmed() -> int:
+        claims = await sidecar.ledger.claims(job)
+        return sum(c.tokens for c in claims if c.state is ClaimState.CONFIRMED)
+
+    assert await wait_for(confirmed, what="the claims of 250 tokens") == 250
+    assert devnet.session_job(deployment, job)["tokensUsed"] == 250
+
+    await generate(sidecar.url, job, [42])  # a remainder under the contract's minimum
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{sidecar.url}/sidecar/jobs/{job}/settle") as resp:
+            assert resp.status == 202
+
+    async def settled() -> bool:
+        claims = await sidecar.ledger.claims(job)
+        return any(c.kind is ClaimKind.SETTLE and c.state is ClaimState.CONFIRMED for c in claims)
+
+    await wait_for(settled, what="the settlement")
+    after = devnet.session_job(deployment, job)
+    assert after["statusName"] == "Completed"
+    assert after["tokensUsed"] == 250
+    claims = await sidecar.ledger.claims(job)
+    assert [c.tokens for c in claims if c.state is ClaimState.UNCLAIMABLE] == [42]
+    totals = await sidecar.ledger.job(job)
+    assert totals is not None and totals.billable_tokens == 292 == 250 + 42
+    price = before["pricePerToken"]
+    gross = 250 * price
+    assert devnet.host_earnings(deployment) >= gross - gross * 250 // 10_000
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{sidecar.url}/sidecar/jobs/{job}") as resp:
+            view = await resp.json()
+    assert view["tokens_confirmed"] == 250 and view["tokens_unclaimable"] == 42
+    assert view["onchain"]["tokens_used"] == 250
+
+
+async def test_unknown_and_foreign_jobs_are_refused(
+    llama_server, devnet, sidecar_factory, tmp_path
+) -> None:
+    deployment = devnet.deploy("v1", dispute_window=30)
+    foreign = devnet.create_session_job(deployment, host=devnet.stranger.address)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, **chain_options(devnet, deployment, key_file)
+    )
+    async with aiohttp.ClientSession() as http:
+        for job, status, code in ((999_999, 402, "unknown_job"), (foreign, 403, "foreign_job")):
+            async with http.post(
+                f"{sidecar.url}/v1/completions",
+                json={"prompt": "x", "max_tokens": 3, "job_id": job},
+            ) as resp:
+                assert resp.status == status
+                assert (await resp.json())["error"]["code"] == code
