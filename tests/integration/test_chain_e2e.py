@@ -107,3 +107,36 @@ async def test_unknown_and_foreign_jobs_are_refused(
             ) as resp:
                 assert resp.status == status
                 assert (await resp.json())["error"]["code"] == code
+
+
+async def test_v2_claims_and_settles_exactly(llama_server, devnet, sidecar_factory, tmp_path):
+    deployment = devnet.deploy("v2", dispute_window=30)
+    job = devnet.create_session_job(deployment)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, **chain_options(devnet, deployment, key_file)
+    )
+    devnet.increase_time(5)
+    devnet.mine()
+    await generate(sidecar.url, job, [300])
+
+    async def confirmed() -> int:
+        claims = await sidecar.ledger.claims(job)
+        return sum(c.tokens for c in claims if c.state is ClaimState.CONFIRMED)
+
+    assert await wait_for(confirmed, what="the v2 claim") == 300
+    devnet.increase_time(60)  # v2's dispute window counts from the last proof
+    devnet.mine()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{sidecar.url}/sidecar/jobs/{job}/settle") as resp:
+            assert resp.status == 202
+
+    async def settled() -> bool:
+        return any(
+            c.kind is ClaimKind.SETTLE and c.state is ClaimState.CONFIRMED
+            for c in await sidecar.ledger.claims(job)
+        )
+
+    await wait_for(settled, what="the v2 settlement")
+    after = devnet.session_job(deployment, job)
+    assert after["statusName"] == "Completed" and after["tokensUsed"] == 300
