@@ -146,3 +146,34 @@ async def test_claims_and_a_settlement_share_one_nonce_queue(
     assert len(set(nonces)) == 4
     assert [c.kind for c in claims if c.job_id == jobs[2]] == [ClaimKind.PROOF, ClaimKind.SETTLE]
     assert [devnet.session_job(deployment, j)["tokensUsed"] for j in jobs] == [130, 140, 120]
+
+
+async def test_chain_outage_keeps_serving_and_claims_later(llama_server, sidecar_factory, tmp_path):
+    from sidecar.devnet import Devnet
+
+    with Devnet.start(state_path=tmp_path / "anvil-state.json", log_dir=tmp_path) as chain:
+        deployment = chain.deploy("v1", dispute_window=30)
+        job = chain.create_session_job(deployment)
+        key_file = chain.write_host_key_file(tmp_path / "host.key")
+        sidecar = await sidecar_factory(
+            llama_server.base_url, **chain_options(chain, deployment, key_file)
+        )
+        chain.increase_time(60)
+        chain.mine()
+        await generate(sidecar.url, job, [20])  # the job is now known (cached view)
+        chain.stop()  # the chain goes away, its state kept on disk
+        await generate(sidecar.url, job, [90, 90])  # still served and metered
+        await asyncio.sleep(1.5)  # the worker tries, fails, backs off
+        assert await sidecar.ledger.claims(job) == [] or all(
+            c.state in (ClaimState.PENDING, ClaimState.SENT)
+            for c in await sidecar.ledger.claims(job)
+        )
+        chain.restart()
+
+        async def confirmed() -> int:
+            claims = await sidecar.ledger.claims(job)
+            return sum(c.tokens for c in claims if c.state is ClaimState.CONFIRMED)
+
+        assert await wait_for(confirmed, timeout=60, what="the claim after the outage") == 200
+        assert chain.session_job(deployment, job)["tokensUsed"] == 200
+        assert len(await sidecar.ledger.claims(job)) == 1
