@@ -140,3 +140,52 @@ async def test_v2_claims_and_settles_exactly(llama_server, devnet, sidecar_facto
     await wait_for(settled, what="the v2 settlement")
     after = devnet.session_job(deployment, job)
     assert after["statusName"] == "Completed" and after["tokensUsed"] == 300
+
+
+async def test_budget_lowers_max_tokens_then_refuses(
+    llama_server, devnet, sidecar_factory, tmp_path
+) -> None:
+    deployment = devnet.deploy("v1", dispute_window=30)
+    price = 10**12
+    job = devnet.create_session_job(deployment, deposit=200 * price, price_per_token=price)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, **chain_options(devnet, deployment, key_file)
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{sidecar.url}/v1/completions", json={"prompt": "x", "max_tokens": 500, "job_id": job}
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Sidecar-Max-Tokens"] == "200"
+            assert (await resp.json())["usage"]["completion_tokens"] == 200
+        async with http.post(
+            f"{sidecar.url}/v1/completions", json={"prompt": "x", "max_tokens": 5, "job_id": job}
+        ) as resp:
+            assert resp.status == 402
+            assert (await resp.json())["error"]["code"] == "budget_spent"
+
+
+async def test_idle_sessions_settle_by_themselves(
+    llama_server, devnet, sidecar_factory, tmp_path
+) -> None:
+    """HTTP has no disconnect: --settle-after-idle settles a session nobody uses any more."""
+    deployment = devnet.deploy("v1", dispute_window=30)
+    job = devnet.create_session_job(deployment)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, settle_after_idle=1, **chain_options(devnet, deployment, key_file)
+    )
+    devnet.increase_time(60)
+    devnet.mine()
+    await generate(sidecar.url, job, [130])
+
+    async def settled() -> bool:
+        return any(
+            c.kind is ClaimKind.SETTLE and c.state is ClaimState.CONFIRMED
+            for c in await sidecar.ledger.claims(job)
+        )
+
+    await wait_for(settled, what="the idle settlement")
+    after = devnet.session_job(deployment, job)
+    assert after["statusName"] == "Completed" and after["tokensUsed"] == 130
