@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar import __version__
 from sidecar.errors import error_response
-from sidecar.ledger import ClaimKind, ClaimState, Ledger
+from sidecar.ledger import Ledger, claim_totals
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
 from sidecar.metrics import Metrics
 
@@ -114,16 +114,7 @@ class Admin:
         body = totals.as_json()
         if job_id is not None:
             claims = await self.ledger.claims(job_id)
-            proofs = [c for c in claims if c.kind is ClaimKind.PROOF]
-            body["tokens_claimed"] = sum(
-                c.tokens for c in proofs if c.state in (ClaimState.SENT, ClaimState.CONFIRMED)
-            )
-            body["tokens_confirmed"] = sum(
-                c.tokens for c in proofs if c.state is ClaimState.CONFIRMED
-            )
-            body["tokens_unclaimable"] = sum(
-                c.tokens for c in proofs if c.state is ClaimState.UNCLAIMABLE
-            )
+            body.update(claim_totals(claims))
             body["claims"] = [c.as_json() for c in claims]
             view = self.chain.view(job_id) if self.chain is not None else None
             body["onchain"] = (

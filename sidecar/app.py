@@ -37,7 +37,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     if settings.rpc_url:
         from sidecar.chain.service import ChainService  # web3 only when a chain is configured
 
-        chain = ChainService(settings, ledger)
+        chain = ChainService(settings, ledger, metrics)
     proxy = Proxy(settings, ledger, metrics, chain)
     admin = Admin(
         ledger, metrics, settings.upstream, lambda: proxy.session, settings.admin_token, chain

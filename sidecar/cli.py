@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, add_arguments, load_settings
-from sidecar.ledger import JobTotals, open_ledger
+from sidecar.ledger import Claim, ClaimKind, ClaimState, JobTotals, claim_totals, open_ledger
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
 
 log = logging.getLogger("sidecar")
@@ -143,25 +143,36 @@ def _jobs(settings: Settings, job: str | None, *, as_json: bool) -> int:
         )
         return 1
 
-    async def read() -> list[JobTotals]:
+    async def read() -> tuple[list[JobTotals], list[Claim]]:
         ledger = open_ledger(settings.ledger_url)
         await ledger.open()
         try:
             if job is None:
-                return await ledger.jobs()
+                return await ledger.jobs(), await ledger.claims()
             one = await ledger.job(job_id)
-            return [one] if one is not None else []
+            claims = await ledger.claims(job_id) if job_id is not None else []
+            return ([one] if one is not None else []), claims
         finally:
             await ledger.close()
 
-    totals = asyncio.run(read())
+    totals, claims = asyncio.run(read())
     if job is not None and not totals:
         print(f"sidecar: no usage recorded for job {job} in {settings.ledger_url}", file=sys.stderr)
         return 1
+    by_job: dict[int, list[Claim]] = {}
+    for claim in claims:
+        by_job.setdefault(claim.job_id, []).append(claim)
     if as_json:
-        print(json.dumps([t.as_json() for t in totals], indent=2))
+        rows = []
+        for t in totals:
+            row = t.as_json()
+            if t.job_id is not None:
+                row.update(claim_totals(by_job.get(t.job_id, [])))
+                row["claims"] = [c.as_json() for c in by_job.get(t.job_id, [])]
+            rows.append(row)
+        print(json.dumps(rows, indent=2))
     else:
-        print(format_jobs_table(totals))
+        print(format_jobs_table(totals, by_job))
     return 0
 
 
@@ -197,30 +208,46 @@ def _settle(settings: Settings, job: str) -> int:
         return 1
 
 
-def format_jobs_table(totals: Sequence[JobTotals]) -> str:
-    """A fixed-width table of job totals, for people."""
-    header = ("job", "requests", "open", "prompt", "completion", "billable", "by source")
+def format_jobs_table(
+    totals: Sequence[JobTotals], claims: dict[int, list[Claim]] | None = None
+) -> str:
+    """A fixed-width table of job totals (and, with a chain, what was claimed), for people."""
+    with_chain = bool(claims)
+    header: tuple[str, ...] = ("job", "requests", "open", "prompt", "completion", "billable")
+    if with_chain:
+        header += ("claimed", "confirmed", "unclaimable", "settled")
+    header += ("by source",)
     rows = [header]
     for t in totals:
         sources = ", ".join(f"{k} {v}" for k, v in sorted(t.billable_by_source.items())) or "-"
-        rows.append(
-            (
-                "unattributed" if t.job_id is None else str(t.job_id),
-                str(t.requests),
-                str(t.open_requests),
-                str(t.prompt_tokens),
-                str(t.completion_tokens),
-                str(t.billable_tokens),
-                sources,
-            )
+        row: tuple[str, ...] = (
+            "unattributed" if t.job_id is None else str(t.job_id),
+            str(t.requests),
+            str(t.open_requests),
+            str(t.prompt_tokens),
+            str(t.completion_tokens),
+            str(t.billable_tokens),
         )
+        if with_chain:
+            mine = (claims or {}).get(t.job_id, []) if t.job_id is not None else []
+            sums = claim_totals(mine)
+            settled = any(
+                c.kind is ClaimKind.SETTLE and c.state is ClaimState.CONFIRMED for c in mine
+            )
+            row += (
+                str(sums["tokens_claimed"]),
+                str(sums["tokens_confirmed"]),
+                str(sums["tokens_unclaimable"]),
+                "yes" if settled else "-" if t.job_id is None else "no",
+            )
+        rows.append((*row, sources))
     if len(rows) == 1:
         return "no usage recorded yet"
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
         cells = [
-            c.ljust(w) if i in (0, 6) else c.rjust(w)
+            c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())

@@ -79,6 +79,18 @@ class Metrics:
         self.ledger_errors = Counter(
             "sidecar_ledger_errors", "Usage records that could not be committed.", registry=r
         )
+        self.claims = Counter(
+            "sidecar_claims",
+            "On-chain claims and settlements by kind (proof, settle) and "
+            "outcome (confirmed, already_on_chain, wait, failed, unclaimable).",
+            ("kind", "outcome"),
+            registry=r,
+        )
+        self.chain_errors = Counter(
+            "sidecar_chain_errors",
+            "Chain steps that failed transiently (RPC down, timeouts) and will be retried.",
+            registry=r,
+        )
         self.rejected = Counter(
             "sidecar_rejected_requests",
             "Requests refused by the sidecar itself, by reason.",

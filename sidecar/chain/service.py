@@ -44,6 +44,7 @@ from sidecar.chain.sender import ChainSender, Outcome, TransientChainError, TxRe
 from sidecar.checkpoints import ClaimNow, Idle, JobState, Settle, WaitUntil, decide
 from sidecar.config import Settings
 from sidecar.ledger import Claim, ClaimKind, ClaimState, Ledger, RecordState
+from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.chain")
 
@@ -80,8 +81,9 @@ class _Job:
 
 
 class ChainService:
-    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.ledger = ledger
         self.address = str(settings.marketplace)
         self._jobs: dict[int, _Job] = {}
@@ -233,6 +235,7 @@ class ChainService:
                     await self._step(job_id, job)
                     job.failures = 0
                 except TransientChainError as exc:
+                    self.metrics.chain_errors.inc()
                     job.failures += 1
                     delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**job.failures)
                     job.wake_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
@@ -348,6 +351,7 @@ class ChainService:
                 )
             )
             seq += 1
+            self.metrics.claims.labels("proof", "unclaimable").inc()
         not_before = self.market.settle_not_before(view, self.dispute_window)
         if chain_now < not_before:
             job.wake_at = time.monotonic() + (not_before - chain_now)
@@ -404,6 +408,7 @@ class ChainService:
         assert self.market is not None and self.w3 is not None
         job_id = claim.job_id
         if result.outcome is Outcome.CONFIRMED:
+            self.metrics.claims.labels(claim.kind.value, "confirmed").inc()
             await self._mark(claim, ClaimState.CONFIRMED, result.tx_hash)
             await self._known(job_id, refresh=True)
             if claim.kind is ClaimKind.SETTLE:
@@ -427,6 +432,7 @@ class ChainService:
             expected = self.market.event_proof_hash(ClaimProof.from_payload(claim.payload))
             found = next((e for e in events if e.proof_hash == expected), None)
             if found is not None:
+                self.metrics.claims.labels(claim.kind.value, "already_on_chain").inc()
                 await self._mark(claim, ClaimState.CONFIRMED, found.tx_hash)
                 await self._known(job_id, refresh=True)
                 log.info(
@@ -436,9 +442,11 @@ class ChainService:
                 )
                 return
         if kind is RevertKind.WAIT:
+            self.metrics.claims.labels(claim.kind.value, "wait").inc()
             job.wake_at = time.monotonic() + TICK
             log.info("chain: job %s claim #%s must wait: %s", job_id, claim.seq, reason)
             return
+        self.metrics.claims.labels(claim.kind.value, "failed").inc()
         await self._mark(claim, ClaimState.FAILED, result.tx_hash, error=reason)
         if kind is RevertKind.CONFIG_ERROR:
             job.stopped = f"configuration error: {reason}"

@@ -10,6 +10,7 @@ from sidecar.ledger.base import (
     LedgerClosedError,
     RecordState,
     UsageRecord,
+    claim_totals,
 )
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "LedgerClosedError",
     "RecordState",
     "UsageRecord",
+    "claim_totals",
     "open_ledger",
 ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -107,6 +108,18 @@ class Claim:
             "created_ms": self.created_ms,
             "updated_ms": self.updated_ms,
         }
+
+
+def claim_totals(claims: Iterable[Claim]) -> dict[str, int]:
+    """A job's tokens claimed (sent or confirmed), confirmed, and never claimable."""
+    proofs = [c for c in claims if c.kind is ClaimKind.PROOF]
+    return {
+        "tokens_claimed": sum(
+            c.tokens for c in proofs if c.state in (ClaimState.SENT, ClaimState.CONFIRMED)
+        ),
+        "tokens_confirmed": sum(c.tokens for c in proofs if c.state is ClaimState.CONFIRMED),
+        "tokens_unclaimable": sum(c.tokens for c in proofs if c.state is ClaimState.UNCLAIMABLE),
+    }
 
 
 class ClaimConflictError(ValueError):

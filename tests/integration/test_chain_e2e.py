@@ -86,8 +86,17 @@ async def test_v1_claims_and_settles_exactly(llama_server, devnet, sidecar_facto
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{sidecar.url}/sidecar/jobs/{job}") as resp:
             view = await resp.json()
+        async with http.get(f"{sidecar.url}/metrics") as resp:
+            metrics = await resp.text()
     assert view["tokens_confirmed"] == 250 and view["tokens_unclaimable"] == 42
     assert view["onchain"]["tokens_used"] == 250
+    assert [c["state"] for c in view["claims"]] == ["confirmed", "unclaimable", "confirmed"]
+    for line in (
+        'sidecar_claims_total{kind="proof",outcome="confirmed"} 1.0',
+        'sidecar_claims_total{kind="proof",outcome="unclaimable"} 1.0',
+        'sidecar_claims_total{kind="settle",outcome="confirmed"} 1.0',
+    ):
+        assert line in metrics
 
 
 async def test_unknown_and_foreign_jobs_are_refused(
