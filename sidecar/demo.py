@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sidecar.cli import format_jobs_table
 from sidecar.ledger import JobTotals
@@ -96,66 +97,178 @@ def run_demo(model: str, workdir: str | None = None) -> int:
     env_python = sys.executable
 
     print(f"demo folder: {folder}")
-    print(f"1. engine: llama-cpp-python server on {model} at {engine_url}")
-    engine_cmd = [
-        env_python,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(engine_port),
-        "--n_ctx",
-        "2048",
-        "--interrupt_requests",
-        "False",
-    ]
-    sidecar_cmd = [
-        env_python,
-        "-m",
-        "sidecar",
-        "serve",
-        "--upstream",
-        engine_url,
-        "--listen",
-        f"127.0.0.1:{sidecar_port}",
-        "--ledger",
-        f"sqlite:///{ledger}",
-    ]
-    with _process(engine_cmd, folder / "engine.log") as engine:
-        _wait_http(engine_url + "/v1/models", engine, folder / "engine.log", 120)
-        print(f"2. sidecar: {sidecar_url} -> {engine_url}, ledger {ledger}")
-        with _process(sidecar_cmd, folder / "sidecar.log") as sidecar:
-            _wait_http(sidecar_url + "/sidecar/health", sidecar, folder / "sidecar.log", 30)
-            client = OpenAI(base_url=sidecar_url + "/v1", api_key="none", max_retries=0)
-            seen: dict[str, _Seen] = {}
-            print("3. requests through the sidecar with the OpenAI SDK:")
-            _send_requests(client, seen)
-            with urllib.request.urlopen(sidecar_url + "/sidecar/jobs", timeout=10) as resp:
-                jobs = json.loads(resp.read())["jobs"]
-        print("4. sidecar stopped; the ledger says (`sidecar jobs`):\n")
-    totals = [_totals_from_json(j) for j in jobs]
-    print(format_jobs_table(totals))
-    print()
-    ok = _compare(totals, seen)
+    from sidecar.devnet import Devnet
+
+    with Devnet.start(log_dir=folder) as chain:
+        deployment = chain.deploy("v1", dispute_window=30)
+        jobs = (chain.create_session_job(deployment), chain.create_session_job(deployment))
+        key_file = chain.write_host_key_file(folder / "host.key")
+        first = chain.session_job(deployment, jobs[0])
+        print(
+            f"1. chain: anvil at {chain.rpc_url}, JobMarketplace v1 double at "
+            f"{deployment.marketplace}"
+        )
+        print(
+            f"   the requester opened session jobs {jobs[0]} and {jobs[1]} for this host: "
+            f"deposit {first['deposit']} wei each, {first['pricePerToken']} wei per token"
+        )
+        chain.increase_time(60)  # the claim-rate cap counts seconds since the session began
+        chain.mine()
+        engine_cmd = [
+            env_python,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(engine_port),
+            "--n_ctx",
+            "2048",
+            "--interrupt_requests",
+            "False",
+        ]
+        sidecar_cmd = [
+            env_python,
+            "-m",
+            "sidecar",
+            "serve",
+            "--upstream",
+            engine_url,
+            "--listen",
+            f"127.0.0.1:{sidecar_port}",
+            "--ledger",
+            f"sqlite:///{ledger}",
+            "--rpc-url",
+            chain.rpc_url,
+            "--chain-id",
+            str(chain.chain_id),
+            "--marketplace",
+            deployment.marketplace,
+            "--contract-version",
+            "v1",
+            "--host-key-file",
+            str(key_file),
+            "--dispute-window",
+            "30",
+        ]
+        print(f"2. engine: llama-cpp-python server on {model} at {engine_url}")
+        with _process(engine_cmd, folder / "engine.log") as engine:
+            _wait_http(engine_url + "/v1/models", engine, folder / "engine.log", 120)
+            print(f"3. sidecar: {sidecar_url} -> {engine_url}, ledger {ledger}")
+            with _process(sidecar_cmd, folder / "sidecar.log") as sidecar:
+                _wait_http(sidecar_url + "/sidecar/health", sidecar, folder / "sidecar.log", 30)
+                client = OpenAI(base_url=sidecar_url + "/v1", api_key="none", max_retries=0)
+                seen: dict[str, _Seen] = {}
+                print("4. requests through the sidecar with the OpenAI SDK:")
+                _send_requests(client, seen, jobs)
+                print("5. claims (submitProofOfWork) as the sidecar sends them:")
+                views = _settle_all(sidecar_url, jobs)
+                with urllib.request.urlopen(sidecar_url + "/sidecar/jobs", timeout=10) as resp:
+                    listed = json.loads(resp.read())["jobs"]
+            print("6. sidecar stopped; the ledger says (`sidecar jobs`):\n")
+        totals = [_totals_from_json(j) for j in listed]
+        print(format_jobs_table(totals))
+        print()
+        ok = _compare(totals, seen)
+        ok &= _show_settlement(chain, deployment, jobs, views)
     if not workdir:
         shutil.rmtree(folder, ignore_errors=True)
     return 0 if ok else 1
 
 
-def _send_requests(client: object, seen: dict[str, _Seen]) -> None:
+def _get_json(url: str, method: str = "GET") -> dict[str, Any]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        result: dict[str, Any] = json.loads(resp.read())
+        return result
+
+
+def _settle_all(sidecar_url: str, jobs: tuple[int, int]) -> dict[int, dict[str, Any]]:
+    """Show each claim as it lands; once every job's claimable tokens are claimed, ask for
+    settlement and wait for it."""
+    shown: set[tuple[int, int]] = set()
+    views: dict[int, dict[str, Any]] = {}
+
+    def quiet(view: dict[str, Any]) -> bool:  # nothing in flight, nothing claimable left
+        in_flight = any(c["state"] in ("pending", "sent") for c in view["claims"])
+        return not in_flight and view["billable_tokens"] - view["tokens_claimed"] < 100
+
+    def settled(view: dict[str, Any]) -> bool:
+        return any(c["kind"] == "settle" and c["state"] == "confirmed" for c in view["claims"])
+
+    asked = False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for job in jobs:
+            views[job] = _get_json(f"{sidecar_url}/sidecar/jobs/{job}")
+            for claim in views[job]["claims"]:
+                if claim["state"] in ("confirmed", "unclaimable") and (job, claim["seq"]) not in (
+                    shown
+                ):
+                    shown.add((job, claim["seq"]))
+                    print("   " + _describe_claim(job, claim))
+        if asked and all(settled(views[j]) for j in jobs):
+            return views
+        if not asked and all(quiet(views[j]) for j in jobs):
+            print("   settling both sessions (POST /sidecar/jobs/{id}/settle):")
+            for job in jobs:
+                _get_json(f"{sidecar_url}/sidecar/jobs/{job}/settle", method="POST")
+            asked = True
+        time.sleep(0.2)
+    raise TimeoutError("the claims and settlements did not complete within 90 s")
+
+
+def _describe_claim(job: int, claim: dict[str, Any]) -> str:
+    if claim["kind"] == "settle":
+        return f"job {job}: completeSessionJob mined in {claim['tx_hash']}"
+    if claim["state"] == "unclaimable":
+        return (
+            f"job {job}: {claim['tokens']} tokens left under the contract's 100-token "
+            "minimum: recorded as unclaimable"
+        )
+    return (
+        f"job {job}: claim #{claim['seq']} of {claim['tokens']} tokens, ProofSubmitted in "
+        f"{claim['tx_hash']}"
+    )
+
+
+def _show_settlement(
+    chain: Any, deployment: Any, jobs: tuple[int, int], views: dict[int, dict[str, Any]]
+) -> bool:
+    ok = True
+    print("on-chain after settlement:")
+    for job in jobs:
+        onchain = chain.session_job(deployment, job)
+        confirmed = views[job]["tokens_confirmed"]
+        price = int(onchain["pricePerToken"])
+        gross = int(onchain["tokensUsed"]) * price
+        refund = int(onchain["deposit"]) - gross
+        match = int(onchain["tokensUsed"]) == confirmed and onchain["statusName"] == "Completed"
+        ok &= match
+        print(
+            f"   job {job}: {onchain['statusName']}, tokensUsed {onchain['tokensUsed']} = "
+            f"ledger confirmed {confirmed} ({'match' if match else 'MISMATCH'}); "
+            f"host earns {gross - gross * 250 // 10_000} wei after the 2.5% fee, "
+            f"requester refunded {refund} wei"
+        )
+    print(f"   host earnings credited in HostEarnings: {chain.host_earnings(deployment)} wei")
+    return ok
+
+
+def _send_requests(client: object, seen: dict[str, _Seen], jobs: tuple[int, int]) -> None:
     from openai import OpenAI
 
     assert isinstance(client, OpenAI)
+    a, b = str(jobs[0]), str(jobs[1])
     plan: list[tuple[str, dict[str, object], str, bool, int]] = [
         # (job as the client names it, how it names it, route, stream, max_tokens)
-        ("164", {"session_id": "164n"}, "chat", False, 24),
-        ("164", {"session_id": "164n"}, "chat", True, 32),
-        ("164", {"job_id": 164}, "completions", True, 16),
-        ("165", {"jobId": "165"}, "completions", False, 20),
-        ("165", {"job_id": "165"}, "chat", True, 48),
+        (a, {"session_id": f"{a}n"}, "chat", False, 60),
+        (a, {"session_id": f"{a}n"}, "chat", True, 72),
+        (a, {"job_id": int(a)}, "completions", True, 16),
+        (b, {"jobId": b}, "completions", False, 120),
+        (b, {"job_id": b}, "chat", True, 48),
         ("unattributed", {}, "chat", False, 8),
     ]
     for job, naming, route, stream, max_tokens in plan:
