@@ -177,3 +177,61 @@ async def test_chain_outage_keeps_serving_and_claims_later(llama_server, sidecar
         assert await wait_for(confirmed, timeout=60, what="the claim after the outage") == 200
         assert chain.session_job(deployment, job)["tokensUsed"] == 200
         assert len(await sidecar.ledger.claims(job)) == 1
+
+
+async def test_sidecar_settle_command(llama_server, devnet, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.sidecar import REPO
+
+    deployment = devnet.deploy("v1", dispute_window=30)
+    job = devnet.create_session_job(deployment)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    options = chain_options(devnet, deployment, key_file)
+    args = [item for k, v in options.items() for item in (f"--{k.replace('_', '-')}", str(v))]
+    devnet.increase_time(60)
+    devnet.mine()
+    proc = SidecarProcess(
+        llama_server.base_url, tmp_path / "l.db", tmp_path / "s.log", *args, "--admin-token", "tok"
+    )
+    try:
+        await proc.wait_ready()
+        await generate(proc.url, job, [110])
+        settle = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "settle",
+                f"{job}n",
+                "--listen",
+                f"127.0.0.1:{proc.port}",
+                "--admin-token",
+                "tok",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert settle.returncode == 0, settle.stderr
+        assert "requested" in settle.stdout
+
+        async def settled() -> bool:
+            return devnet.session_job(deployment, job)["statusName"] == "Completed"
+
+        await wait_for(settled, what="the settlement asked for on the command line")
+    finally:
+        assert proc.stop() == 0
+    assert devnet.session_job(deployment, job)["tokensUsed"] == 110
+    unknown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sidecar", "settle", "5", "--listen", f"127.0.0.1:{proc.port}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert unknown.returncode == 1 and "no sidecar answers" in unknown.stderr
