@@ -53,6 +53,9 @@ TICK = 1.0  # the worker looks at waiting jobs at least this often
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 # Claim at the latest this long before anyone may time the session out (claims then fail).
 TIMEOUT_MARGIN = 30
+# A job whose claims the contract refuses this many times in a row (for a reason that is neither
+# "wait" nor "the session ended") stops claiming: an operator must look (bad proof system...).
+MAX_FAILED_CLAIMS = 3
 
 
 def _now_ms() -> int:
@@ -75,8 +78,10 @@ class _Job:
     settle_requested: bool = False
     settled: bool = False
     stopped: str | None = None  # why claiming stopped (the session ended, a config error)
-    wake_at: float = 0.0  # monotonic: not before
-    failures: int = 0
+    wake_at: float = 0.0  # monotonic: look again at this time (0: no timer)
+    dirty: bool = True  # something changed (new usage, a mined claim): look again now
+    failures: int = 0  # transient faults in a row (backoff)
+    failed_claims: int = 0  # claims the contract refused in a row
     last_activity: float = 0.0
 
 
@@ -123,9 +128,24 @@ class ChainService:
             self.account.address,
             self.dispute_window,
         )
-        for claim in await self.ledger.unfinished_claims():
-            await self._known(claim.job_id, refresh=False)
+        await self._resume()
         self._task = asyncio.create_task(self._run(), name="sidecar-chain-worker")
+
+    async def _resume(self) -> None:
+        """Take up every job the ledger holds that is not settled yet: tokens metered before a
+        restart are claimed without waiting for the job's next request."""
+        claims = await self.ledger.claims()
+        settled = {
+            c.job_id
+            for c in claims
+            if c.kind is ClaimKind.SETTLE and c.state is ClaimState.CONFIRMED
+        }
+        jobs = {t.job_id for t in await self.ledger.jobs() if t.job_id is not None}
+        jobs |= {c.job_id for c in claims}
+        for job_id in sorted(jobs - settled):
+            await self._known(job_id, refresh=False)
+        if jobs - settled:
+            log.info("chain: resuming %d job(s) from the ledger", len(jobs - settled))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -171,7 +191,7 @@ class ChainService:
         job = self._jobs.get(job_id)
         if job is not None:
             job.last_activity = time.monotonic()
-            job.wake_at = 0.0
+            job.dirty = True
         self._wake.set()
 
     async def request_settlement(self, job_id: int) -> None:
@@ -179,7 +199,7 @@ class ChainService:
         if job is None or not job.view.exists:
             raise JobRefused(404, "unknown_job", f"job {job_id} is not known on-chain")
         job.settle_requested = True
-        job.wake_at = 0.0
+        job.dirty = True
         self._wake.set()
 
     def view(self, job_id: int) -> OnChainJob | None:
@@ -225,12 +245,17 @@ class ChainService:
             self._wake.clear()
             now = time.monotonic()
             for job_id, job in list(self._jobs.items()):
-                if job.settled or job.stopped or job.wake_at > now:
+                if job.settled or job.stopped:
                     continue
                 idle = self.settings.settle_after_idle
                 if idle and not job.settle_requested and now - job.last_activity >= idle:
                     log.info("chain: job %s idle for %ss: settling", job_id, idle)
-                    job.settle_requested = True
+                    job.settle_requested = job.dirty = True
+                timer_due = 0 < job.wake_at <= now
+                if job.wake_at > now or not (job.dirty or timer_due):
+                    continue  # nothing changed: no chain reads for idle jobs
+                job.dirty = False
+                job.wake_at = 0.0
                 try:
                     await self._step(job_id, job)
                     job.failures = 0
@@ -246,6 +271,8 @@ class ChainService:
                     job.failures += 1
                     job.wake_at = time.monotonic() + BACKOFF_MAX
                     log.exception("chain: job %s failed a step", job_id)
+                if job.settle_requested and not job.settled and not job.wake_at:
+                    job.wake_at = time.monotonic() + TICK  # settling: keep looking
 
     async def _step(self, job_id: int, job: _Job) -> None:
         assert self.market is not None and self.w3 is not None
@@ -410,6 +437,8 @@ class ChainService:
         if result.outcome is Outcome.CONFIRMED:
             self.metrics.claims.labels(claim.kind.value, "confirmed").inc()
             await self._mark(claim, ClaimState.CONFIRMED, result.tx_hash)
+            job.dirty = True  # the next claim may be due now
+            job.failed_claims = 0
             await self._known(job_id, refresh=True)
             if claim.kind is ClaimKind.SETTLE:
                 job.settled = True
@@ -434,6 +463,7 @@ class ChainService:
             if found is not None:
                 self.metrics.claims.labels(claim.kind.value, "already_on_chain").inc()
                 await self._mark(claim, ClaimState.CONFIRMED, found.tx_hash)
+                job.dirty = True
                 await self._known(job_id, refresh=True)
                 log.info(
                     "chain: job %s claim #%s was already on-chain; confirmed from its log",
@@ -460,8 +490,19 @@ class ChainService:
             job.stopped = f"session ended: {reason}"
             log.warning("chain: job %s: %s; claiming stops", job_id, reason)
         else:
-            job.wake_at = time.monotonic() + BACKOFF_MAX
-            log.error("chain: job %s claim #%s reverted: %s", job_id, claim.seq, reason)
+            job.failed_claims += 1
+            if job.failed_claims >= MAX_FAILED_CLAIMS:
+                job.stopped = f"{job.failed_claims} claims refused: {reason}"
+                log.error(
+                    "chain: job %s: %d claims in a row refused (%s); claiming stops until "
+                    "a restart",
+                    job_id,
+                    job.failed_claims,
+                    reason,
+                )
+            else:
+                job.wake_at = time.monotonic() + BACKOFF_MAX
+                log.error("chain: job %s claim #%s reverted: %s", job_id, claim.seq, reason)
 
     async def _mark(
         self, claim: Claim, state: ClaimState, tx_hash: str | None, error: str | None = None

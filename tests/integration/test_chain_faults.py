@@ -235,3 +235,36 @@ async def test_sidecar_settle_command(llama_server, devnet, tmp_path) -> None:
         timeout=60,
     )
     assert unknown.returncode == 1 and "no sidecar answers" in unknown.stderr
+
+
+async def test_tokens_metered_before_a_restart_are_claimed_after_it(
+    llama_server, devnet, sidecar_factory, tmp_path
+):
+    deployment = devnet.deploy("v1", dispute_window=30)
+    job = devnet.create_session_job(deployment)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    ledger_path = tmp_path / "ledger.db"
+    first = await sidecar_factory(
+        llama_server.base_url,
+        ledger_path=ledger_path,
+        **chain_options(devnet, deployment, key_file),
+    )
+    # Right after the session began, the rate cap (20 tokens/s) does not allow 400 tokens yet:
+    # the sidecar waits, and is stopped while it waits.
+    await generate(first.url, job, [400])
+    await first.stop()
+    devnet.increase_time(120)
+    devnet.mine()
+    second = await sidecar_factory(
+        llama_server.base_url,
+        ledger_path=ledger_path,
+        **chain_options(devnet, deployment, key_file),
+    )
+
+    async def confirmed() -> int:
+        claims = await second.ledger.claims(job)
+        return sum(c.tokens for c in claims if c.state is ClaimState.CONFIRMED)
+
+    # No new request for the job: the restarted sidecar takes it up from its ledger.
+    assert await wait_for(confirmed, what="the claim after the restart") == 400
+    assert devnet.session_job(deployment, job)["tokensUsed"] == 400
