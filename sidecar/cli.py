@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, add_arguments, load_settings
@@ -18,18 +19,35 @@ from sidecar.metering.jobs import InvalidJobId, parse_job_id
 log = logging.getLogger("sidecar")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            # argparse would echo them: one may be a secret typed as the wrong option.
+            options = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("-")]
+            known = {o for action in self._actions for o in action.option_strings}
+            unknown = [o for o in options if o not in known]
+            message = f"unrecognized option(s): {' '.join(unknown) or '(see --help)'}"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # allow_abbrev=False everywhere: an abbreviation must never turn a mistyped secret option
+    # (say --host-key 0x...) into another option that logs its value.
+    parser = _Parser(
+        allow_abbrev=False,
         prog="sidecar",
         description="A metering proxy in front of an unchanged OpenAI-compatible LLM engine: it "
         "relays every request, counts each job's tokens from the engine's own output and records "
         "them durably before the response ends.",
     )
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
     serve = commands.add_parser(
         "serve",
+        allow_abbrev=False,
         help="run the proxy",
         description="Relay every request to the engine and meter its answers. Options come from "
         "flags, then SIDECAR_* environment variables, then a TOML file (--config), then "
@@ -39,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = commands.add_parser(
         "jobs",
+        allow_abbrev=False,
         help="show the tokens metered per job, from the ledger",
         description="Read the ledger (the same one `serve` writes; safe while it runs) and print "
         "each job's totals.",
@@ -49,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     settle = commands.add_parser(
         "settle",
+        allow_abbrev=False,
         help="settle a job's session on-chain (asks the running sidecar)",
         description="Ask the running sidecar to settle JOB: its last claim is sent and mined "
         "first, then completeSessionJob is sent once the dispute window has passed. Uses the "
@@ -59,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "devnet",
+        allow_abbrev=False,
         help="run a local chain with the JobMarketplace test doubles (development)",
         add_help=False,
     )
 
     demo = commands.add_parser(
         "demo",
+        allow_abbrev=False,
         help="run the end-to-end demo on a local model (used by `make demo`)",
         description="Start the engine on a GGUF model and the sidecar in front of it, send "
         "streamed and non-streamed requests for two jobs with the OpenAI SDK, print what was "

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -170,9 +172,20 @@ class Settings:
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
                 value = "***"
+            elif f.name == "rpc_url" and value:
+                value = redact_url(value)
             out[f.name] = value
         out["ledger"] = self.ledger_url
         return out
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port] only: RPC providers put API keys in the path, query or user info."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    hidden = "/***" if (parts.path.strip("/") or parts.query or parts.username) else ""
+    return f"{parts.scheme}://{host}{port}{hidden}"
 
 
 def _field_type(f: Any) -> type:
@@ -307,6 +320,11 @@ def _validate(settings: Settings) -> None:
             raise ConfigError("--chain-id is required with --rpc-url")
         if not settings.marketplace:
             raise ConfigError("--marketplace is required with --rpc-url")
+        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", settings.marketplace):
+            raise ConfigError(
+                f"--marketplace must be a 0x-prefixed 20-byte hex address, got "
+                f"{settings.marketplace!r}"
+            )
         if not (settings.host_key_file or settings.host_key):
             raise ConfigError(
                 "the host key is required with --rpc-url: --host-key-file PATH or SIDECAR_HOST_KEY"

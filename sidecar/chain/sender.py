@@ -76,10 +76,15 @@ def revert_reason(exc: BaseException) -> str:
     return message
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     if isinstance(
         exc,
-        aiohttp.ClientError | OSError | TimeoutError | ProviderConnectionError | TimeExhausted,
+        aiohttp.ClientError
+        | OSError
+        | TimeoutError
+        | ProviderConnectionError
+        | TimeExhausted
+        | TransientChainError,
     ):
         return True
     if isinstance(exc, Web3RPCError):
@@ -122,8 +127,8 @@ class ChainSender:
             except (ContractLogicError, TransientChainError):
                 raise
             except Exception as exc:
-                if _is_transient(exc):
-                    raise TransientChainError(_describe(exc)) from None
+                if is_transient(exc):
+                    raise TransientChainError(describe(exc)) from None
                 raise
 
     async def _send_locked(self, to: str, data: bytes, on_sent: OnSent) -> TxResult:
@@ -173,8 +178,8 @@ class ChainSender:
         except TransactionNotFound:
             return None
         except Exception as exc:
-            if _is_transient(exc):
-                raise TransientChainError(_describe(exc)) from None
+            if is_transient(exc):
+                raise TransientChainError(describe(exc)) from None
             raise
         try:
             tx = dict(await self.w3.eth.get_transaction(tx_hash))  # type: ignore[arg-type]
@@ -199,10 +204,10 @@ class ChainSender:
             except ContractLogicError as exc:
                 reason = revert_reason(exc)
             except Exception as exc:  # the replay is best effort
-                log.debug("could not replay reverted tx %s: %s", tx_hash, _describe(exc))
+                log.debug("could not replay reverted tx %s: %s", tx_hash, describe(exc))
         return TxResult(Outcome.REVERTED, tx_hash, reason, block, ())
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -40,7 +40,7 @@ from sidecar.chain.proofs import (
     conversation_cid,
     records_root,
 )
-from sidecar.chain.sender import ChainSender, Outcome, TransientChainError, TxResult
+from sidecar.chain.sender import ChainSender, Outcome, TxResult, describe, is_transient
 from sidecar.checkpoints import ClaimNow, Idle, JobState, Settle, WaitUntil, decide
 from sidecar.config import Settings
 from sidecar.ledger import Claim, ClaimKind, ClaimState, Ledger, RecordState
@@ -56,6 +56,8 @@ TIMEOUT_MARGIN = 30
 # A job whose claims the contract refuses this many times in a row (for a reason that is neither
 # "wait" nor "the session ended") stops claiming: an operator must look (bad proof system...).
 MAX_FAILED_CLAIMS = 3
+# How far back a claim's ProofSubmitted log is looked for (about 5.5 hours of 2 s blocks).
+LOG_WINDOW_BLOCKS = 10_000
 
 
 def _now_ms() -> int:
@@ -93,6 +95,7 @@ class ChainService:
         self.address = str(settings.marketplace)
         self._jobs: dict[int, _Job] = {}
         self._wake = asyncio.Event()
+        self._reading: dict[int, asyncio.Task[_Job | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self.w3: AsyncWeb3 | None = None
         self.market: Marketplace | None = None
@@ -106,8 +109,14 @@ class ChainService:
         """Check the chain and the contract (refusing to start with a clear message), resume
         the outbox, start the worker."""
         self.account = Account.from_key(self.settings.read_host_key())
+        # No retries inside web3: the worker's own backoff retries, and a request's admission
+        # must not wait out five of them.
         self.w3 = AsyncWeb3(
-            AsyncHTTPProvider(self.settings.rpc_url, request_kwargs={"timeout": 10})
+            AsyncHTTPProvider(
+                self.settings.rpc_url,
+                request_kwargs={"timeout": 10},
+                exception_retry_configuration=None,
+            )
         )
         self.market = await check_marketplace(
             self.w3,
@@ -148,6 +157,8 @@ class ChainService:
             log.info("chain: resuming %d job(s) from the ledger", len(jobs - settled))
 
     async def stop(self) -> None:
+        for reading in list(self._reading.values()):
+            reading.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -209,15 +220,31 @@ class ChainService:
     # -- the worker ------------------------------------------------------------------------
 
     async def _known(self, job_id: int, *, refresh: bool) -> _Job | None:
+        """The job's on-chain view. Without ``refresh`` a cached view is returned at once, and a
+        stale one is re-read in the background: a slow or dead RPC never holds up a request
+        for a job already known. An unknown job waits for its first read."""
         job = self._jobs.get(job_id)
-        if job is not None and not refresh and time.monotonic() - job.read_at < VIEW_MAX_AGE:
+        if job is not None and not refresh:
+            if time.monotonic() - job.read_at >= VIEW_MAX_AGE and job_id not in self._reading:
+                task = asyncio.create_task(self._read(job_id))
+                self._reading[job_id] = task
+                task.add_done_callback(lambda _: self._reading.pop(job_id, None))
             return job
+        return await self._read(job_id)
+
+    async def _read(self, job_id: int) -> _Job | None:
+        job = self._jobs.get(job_id)
         try:
             assert self.w3 is not None and self.market is not None
             view = await read_job(self.w3, self.address, self.market, job_id)
         except Exception as exc:  # the chain is down: serve from the cache when there is one
             log.warning("chain: cannot read job %s: %s", job_id, type(exc).__name__)
+            if job is not None:
+                job.read_at = time.monotonic()  # not again before VIEW_MAX_AGE
             return job
+        if not view.exists:
+            # Never cached: a stream of made-up ids must not grow memory or the worker's rounds.
+            return _Job(view, time.monotonic())
         if job is None:
             job = self._jobs[job_id] = _Job(view, time.monotonic(), last_activity=time.monotonic())
         else:
@@ -259,18 +286,17 @@ class ChainService:
                 try:
                     await self._step(job_id, job)
                     job.failures = 0
-                except TransientChainError as exc:
+                except Exception as exc:
+                    if not is_transient(exc):
+                        job.failures += 1
+                        job.wake_at = time.monotonic() + BACKOFF_MAX
+                        log.exception("chain: job %s failed a step", job_id)
+                        continue
                     self.metrics.chain_errors.inc()
                     job.failures += 1
                     delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**job.failures)
                     job.wake_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
-                    log.warning("chain: job %s waits %.1fs: %s", job_id, delay, exc)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    job.failures += 1
-                    job.wake_at = time.monotonic() + BACKOFF_MAX
-                    log.exception("chain: job %s failed a step", job_id)
+                    log.warning("chain: job %s waits %.1fs: %s", job_id, delay, describe(exc))
                 if job.settle_requested and not job.settled and not job.wake_at:
                     job.wake_at = time.monotonic() + TICK  # settling: keep looking
 
@@ -283,8 +309,12 @@ class ChainService:
                 return
         refreshed = await self._known(job_id, refresh=True)
         if refreshed is None:
-            raise TransientChainError("the chain does not answer")
+            raise TimeoutError("the chain does not answer")
         view = job.view
+        if not view.exists:
+            job.stopped = "no such job on the marketplace"
+            log.warning("chain: job %s does not exist on the marketplace; claiming stops", job_id)
+            return
         if not view.is_active:
             job.stopped = f"session status {view.status.name}"
             log.info("chain: job %s is %s; claiming stops", job_id, view.status.name)
