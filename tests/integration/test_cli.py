@@ -116,3 +116,16 @@ async def test_admin_token_never_reaches_the_log(faulty_upstream, tmp_path) -> N
     log = (tmp_path / "s.log").read_text()
     assert "'admin_token': '***'" in log
     assert secret not in log
+
+
+def test_a_key_typed_as_an_unknown_option_is_never_echoed() -> None:
+    secret = "0x" + "5e" * 32
+    for args in (
+        ["serve", "--host-key", secret],
+        ["serve", f"--host-key={secret}"],
+        ["serve", "--host-k", secret],
+    ):
+        result = sidecar_cmd(*args)
+        assert result.returncode == 2
+        assert secret not in result.stderr and secret not in result.stdout
+        assert "unrecognized option" in result.stderr

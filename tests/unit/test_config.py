@@ -116,3 +116,32 @@ def test_help_explains_every_option(capsys) -> None:
     ):
         assert option in text
     assert "SIDECAR_UPSTREAM" in text
+
+
+def test_rpc_urls_are_redacted_when_described() -> None:
+    from sidecar.config import redact_url
+
+    assert redact_url("https://base-sepolia.g.alchemy.com/v2/KEY123") == (
+        "https://base-sepolia.g.alchemy.com/***"
+    )
+    assert redact_url("http://127.0.0.1:8545") == "http://127.0.0.1:8545"
+    assert redact_url("https://user:pw@rpc.example/") == "https://rpc.example/***"
+    env = {
+        "SIDECAR_RPC_URL": "https://rpc.example/KEY123",
+        "SIDECAR_CHAIN_ID": "1",
+        "SIDECAR_MARKETPLACE": "0x" + "ab" * 20,
+        "SIDECAR_HOST_KEY": "0x" + "cd" * 32,
+    }
+    described = repr(load_settings({}, env).describe())
+    assert "KEY123" not in described and "cd" * 32 not in described
+
+
+def test_marketplace_must_be_an_address() -> None:
+    env = {
+        "SIDECAR_RPC_URL": "http://x",
+        "SIDECAR_CHAIN_ID": "1",
+        "SIDECAR_MARKETPLACE": "0x123",
+        "SIDECAR_HOST_KEY": "0x" + "cd" * 32,
+    }
+    with pytest.raises(ConfigError, match="20-byte hex address"):
+        load_settings({}, env)
