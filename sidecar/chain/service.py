@@ -256,7 +256,10 @@ class ChainService:
         return 0 if totals is None else totals.billable_tokens
 
     async def _closed_rows(self, job_id: int) -> list[LedgerRow]:
-        """The job's finished records, in ledger order: what claims commit to."""
+        """The job's finished records, in ledger order: what claims commit to. Records that were
+        submitted without waiting (a stream cut off by a disconnect) are flushed first, so a
+        settlement that follows a disconnect sees their tokens."""
+        await self.ledger.flush()
         return [
             (r.key, r.billable_tokens)
             for r in await self.ledger.records(job_id)

@@ -193,6 +193,11 @@ class Ledger(ABC):
         await self.submit(record)
 
     @abstractmethod
+    async def flush(self) -> None:
+        """Return once every record submitted before this call is applied (committed or failed):
+        a reader that must see them (the claim worker before settling) waits here first."""
+
+    @abstractmethod
     async def job(self, job_id: int | None) -> JobTotals | None:
         """Totals of one job (None: unattributed), or None when the ledger has no record of it."""
 

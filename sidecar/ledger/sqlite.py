@@ -134,7 +134,7 @@ _PER_RECORD_ERRORS: Final = (
 
 @dataclass(slots=True)
 class _Pending:
-    row: _Row
+    row: _Row | None  # None: a flush marker, resolved once everything before it is applied
     future: asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
 
@@ -437,6 +437,14 @@ class SQLiteLedger(Ledger):
         self._queue.put(_Pending(row, future, loop))
         return future
 
+    async def flush(self) -> None:
+        if self._writer is None:
+            raise LedgerClosedError(f"{self!r} is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Pending(None, future, loop))
+        await future
+
     async def job(self, job_id: int | None) -> JobTotals | None:
         job_text = _job_text(job_id)
         rows = await self._read(lambda conn: conn.execute(_JOB_TOTALS, (job_text,)).fetchall())
@@ -581,7 +589,9 @@ class SQLiteLedger(Ledger):
             conn.close()
 
     def _write_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
-        outcomes = _commit(conn, [item.row for item in batch])
+        rows = [item.row for item in batch if item.row is not None]
+        row_outcomes = iter(_commit(conn, rows) if rows else [])
+        outcomes = [None if item.row is None else next(row_outcomes) for item in batch]
         failed = [
             (item, error) for item, error in zip(batch, outcomes, strict=True) if error is not None
         ]
@@ -592,7 +602,7 @@ class SQLiteLedger(Ledger):
                 self.path,
                 len(failed),
                 len(batch),
-                first_item.row[0],
+                first_item.row[0] if first_item.row is not None else None,
                 exc_info=first_error,
             )
         by_loop: dict[

@@ -493,3 +493,11 @@ async def test_close_interrupted_aborts_only_open_records(ledger: SQLiteLedger) 
     assert await ledger.close_interrupted(now_ms=6_000) == 0
     totals = await ledger.job(1)
     assert totals is not None and totals.open_requests == 0
+
+
+async def test_flush_waits_for_records_submitted_without_waiting(ledger: SQLiteLedger) -> None:
+    for n in range(50):
+        ledger.submit(rec(f"k{n}", state=FINAL, completion=1))  # nobody awaits these
+    await ledger.flush()
+    # A fresh reader sees them all: flush resolved only after their commit.
+    assert len(await ledger.records(1)) == 50
