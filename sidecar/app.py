@@ -16,6 +16,7 @@ from aiohttp import web
 
 from sidecar.admin import Admin
 from sidecar.config import Settings
+from sidecar.fabstir_api import FabstirApi
 from sidecar.ledger import Ledger, open_ledger
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
@@ -48,6 +49,8 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     app[PROXY_KEY] = proxy
     app[METRICS_KEY] = metrics
     app.add_routes(admin.routes())
+    # The host node's own API (/v1/inference, /v1/ws, ...): before the proxy's catch-all.
+    app.add_routes(FabstirApi(settings, proxy, ledger).routes())
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]

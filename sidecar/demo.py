@@ -5,6 +5,7 @@ Everything it starts, it stops, even on Ctrl-C or failure.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -163,6 +164,10 @@ def run_demo(model: str, workdir: str | None = None) -> int:
                 seen: dict[str, _Seen] = {}
                 print("4. requests through the sidecar with the OpenAI SDK:")
                 _send_requests(client, seen, jobs)
+                print("   a marketplace client's WebSocket session (the host node API, /v1/ws):")
+                asyncio.run(
+                    _ws_session(sidecar_url, jobs[1], seen.setdefault(str(jobs[1]), _Seen()))
+                )
                 print("5. claims (submitProofOfWork) as the sidecar sends them:")
                 views = _settle_all(sidecar_url, jobs)
                 with urllib.request.urlopen(sidecar_url + "/sidecar/jobs", timeout=10) as resp:
@@ -317,6 +322,37 @@ def _send_requests(client: object, seen: dict[str, _Seen], jobs: tuple[int, int]
             f"   {route:<11} {kind} {shown:<24} max_tokens={max_tokens:<3} -> {got} tokens "
             f"({source})"
         )
+
+
+async def _ws_session(sidecar_url: str, job: int, tally: _Seen) -> None:
+    """init, three streamed prompts, session_end: as the marketplace SDK does it."""
+    import aiohttp
+
+    ws_url = sidecar_url.replace("http://", "ws://") + "/v1/ws"
+    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url) as ws:
+        await ws.send_json(
+            {"type": "session_init", "session_id": f"demo-{job}", "jobId": f"{job}n"}
+        )
+        ack = await ws.receive_json()
+        print(f"   session_init -> {ack['type']}, tokens so far {ack.get('tokens_used')}")
+        # Small prompts: what is left unclaimed stays under the contract minimum, so the demo
+        # needs no second claim (anvil only moves chain time, which the rate cap reads, on
+        # new blocks).
+        for max_tokens in (10, 15, 20):
+            request = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True}
+            await ws.send_json({"type": "prompt", "jobId": f"{job}n", "request": request})
+            chunks = 0
+            while (message := await ws.receive_json())["type"] == "stream_chunk":
+                chunks += message["tokens"]
+            tally.requests += 1
+            tally.completion_tokens += chunks
+            print(
+                f"   prompt max_tokens={max_tokens:<3} -> {chunks} stream_chunk tokens, "
+                f"{message['type']} tokens_used={message.get('tokens_used')}, "
+                f"session total {message.get('session_tokens')}"
+            )
+        await ws.send_json({"type": "session_end"})
+        await ws.receive_json()
 
 
 def _totals_from_json(j: dict[str, object]) -> JobTotals:

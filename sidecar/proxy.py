@@ -14,12 +14,15 @@ feeds the engine's bytes to a meter, and hands usage records to the ledger. Inva
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import logging
 import os
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 from sidecar.engines import engine_profile
 from sidecar.errors import error_response
 from sidecar.ledger import Ledger, RecordState, UsageRecord
-from sidecar.metering import Endpoint, Source, Usage, estimate
+from sidecar.metering import DONE, Endpoint, Source, SSEDecoder, Usage, estimate
 from sidecar.metering.jobs import InvalidJobId
 from sidecar.metering.requests import (
     InvalidRequestBody,
@@ -209,7 +212,8 @@ class Proxy:
             allow_redirects=False,
         )
 
-    def _upstream_error(self, exc: BaseException) -> web.Response:
+    def _upstream_failure(self, exc: BaseException) -> tuple[int, str, str]:
+        """Status, code and message for an engine that could not be reached (counted, logged)."""
         if isinstance(exc, asyncio.TimeoutError):
             kind, status, detail = "timeout", 504, "did not answer in time"
         else:
@@ -220,12 +224,11 @@ class Proxy:
             )
         self.metrics.upstream_errors.labels(kind).inc()
         log.warning("upstream %s %s", self.upstream_base, detail)
-        return error_response(
-            status,
-            f"the engine at {self.upstream_base} {detail}",
-            type="upstream_error",
-            code=f"upstream_{kind}",
-        )
+        return status, f"upstream_{kind}", f"the engine at {self.upstream_base} {detail}"
+
+    def _upstream_error(self, exc: BaseException) -> web.Response:
+        status, code, message = self._upstream_failure(exc)
+        return error_response(status, message, type="upstream_error", code=code)
 
     # -- plain relay (unmetered routes) ----------------------------------------------------
 
@@ -276,29 +279,13 @@ class Proxy:
                 code="job_required",
                 param="job_id",
             )
-        body = prepared.body
-        extra_headers: dict[str, str] = {}
-        if self.chain is not None and prepared.job_id is not None:
-            from sidecar.chain.service import JobRefused
+        from sidecar.chain.service import JobRefused
 
-            try:
-                budget = await self.chain.admit(prepared.job_id)
-            except JobRefused as exc:
-                self.metrics.rejected.labels(exc.code).inc()
-                return error_response(exc.status, str(exc), code=exc.code, param="job_id")
-            if endpoint is not Endpoint.EMBEDDINGS:
-                body, lowered = cap_max_tokens(body, budget)
-                if lowered:
-                    # The deposit covers fewer tokens than asked: say so rather than work for free.
-                    extra_headers[MAX_TOKENS_HEADER] = str(budget)
-        exchange = _Exchange(
-            key=next(self._keys),
-            endpoint=endpoint,
-            job_id=prepared.job_id,
-            model=prepared.model,
-            started_ms=_now_ms(),
-            extra_headers=extra_headers,
-        )
+        try:
+            body, extra_headers = await self._admit(endpoint, prepared.job_id, prepared.body)
+        except JobRefused as exc:
+            return error_response(exc.status, str(exc), code=exc.code, param="job_id")
+        exchange = self._exchange(endpoint, prepared.job_id, prepared.model, extra_headers)
         sent_at = time.perf_counter()
         try:
             upstream = await self._open_upstream(request, body, _METERED_REQUEST_DROP)
@@ -310,6 +297,48 @@ class Proxy:
             if upstream.status < 300 and content_type.startswith("text/event-stream"):
                 return await self._metered_stream(request, upstream, exchange, prepared)
             return await self._metered_body(request, upstream, exchange)
+
+    # -- the metering core shared by every shell (OpenAI routes, the host node API) ---------
+
+    async def _admit(
+        self, endpoint: Endpoint, job_id: int | None, body: bytes
+    ) -> tuple[bytes, dict[str, str]]:
+        """Ask the chain whether the job may be served; lower ``max_tokens`` to its budget.
+
+        Returns the body to send and the headers that tell the client so. Raises
+        :class:`~sidecar.chain.service.JobRefused` (counted in the metrics)."""
+        extra_headers: dict[str, str] = {}
+        if self.chain is None or job_id is None:
+            return body, extra_headers
+        from sidecar.chain.service import JobRefused
+
+        try:
+            budget = await self.chain.admit(job_id)
+        except JobRefused as exc:
+            self.metrics.rejected.labels(exc.code).inc()
+            raise
+        if endpoint is not Endpoint.EMBEDDINGS:
+            body, lowered = cap_max_tokens(body, budget)
+            if lowered:
+                # The deposit covers fewer tokens than asked: say so rather than work for free.
+                extra_headers[MAX_TOKENS_HEADER] = str(budget)
+        return body, extra_headers
+
+    def _exchange(
+        self,
+        endpoint: Endpoint,
+        job_id: int | None,
+        model: str | None,
+        extra_headers: dict[str, str],
+    ) -> _Exchange:
+        return _Exchange(
+            key=next(self._keys),
+            endpoint=endpoint,
+            job_id=job_id,
+            model=model,
+            started_ms=_now_ms(),
+            extra_headers=extra_headers,
+        )
 
     def _record(self, ex: _Exchange, usage: Usage, state: RecordState, status: int) -> UsageRecord:
         if ex.endpoint is Endpoint.EMBEDDINGS:
@@ -361,20 +390,19 @@ class Proxy:
             record.billable_tokens,
         )
 
-    async def _metered_body(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, ex: _Exchange
-    ) -> web.StreamResponse:
+    async def _meter_body(
+        self, upstream: aiohttp.ClientResponse, ex: _Exchange, path: str
+    ) -> tuple[bytes, Usage]:
+        """Read a whole (non-stream) answer, extract its usage, commit its record.
+
+        Raises :class:`UpstreamBroke` if the engine broke off, and the ledger's error if the
+        record could not be committed: the caller must then not deliver the answer."""
         try:
             payload = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.metrics.upstream_errors.labels("broken_response").inc()
             log.warning("engine response broke before its end (job %s): %s", ex.job_id, exc)
-            return error_response(
-                502,
-                f"the engine at {self.upstream_base} broke off its response",
-                type="upstream_error",
-                code="upstream_broken_response",
-            )
+            raise UpstreamBroke(str(exc) or type(exc).__name__) from exc
         usage: Usage | None = None
         if upstream.status < 300:
             if not estimate.loaded() and b'"usage"' not in payload:
@@ -387,7 +415,7 @@ class Proxy:
                 self.metrics.stream_anomalies.inc(len(anomalies))
                 log.warning(
                     "engine answer to %s (job %s, request %s) was malformed: %s",
-                    request.path,
+                    path,
                     ex.job_id,
                     ex.key,
                     "; ".join(anomalies[:5]),
@@ -396,9 +424,16 @@ class Proxy:
             # An error answer, or a body nothing can be read from: zero tokens, and never
             # marked as reported by the engine.
             usage = Usage(prompt_tokens=None, completion_tokens=0, source=Source.ESTIMATED)
-        record = self._record(ex, usage, RecordState.FINAL, upstream.status)
+        await self._commit(self._record(ex, usage, RecordState.FINAL, upstream.status))
+        return payload, usage
+
+    async def _metered_body(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, ex: _Exchange
+    ) -> web.StreamResponse:
         try:
-            await self._commit(record)
+            payload, _ = await self._meter_body(upstream, ex, request.path)
+        except UpstreamBroke:
+            return self._broken_answer()
         except Exception:
             return _ledger_unavailable()
         headers = forwardable_headers(upstream.headers, _RESPONSE_DROP)
@@ -408,6 +443,14 @@ class Proxy:
             status=upstream.status, reason=upstream.reason, body=payload, headers=headers
         )
 
+    def _broken_answer(self) -> web.Response:
+        return error_response(
+            502,
+            f"the engine at {self.upstream_base} broke off its response",
+            type="upstream_error",
+            code="upstream_broken_response",
+        )
+
     async def _metered_stream(
         self,
         request: web.Request,
@@ -415,97 +458,38 @@ class Proxy:
         ex: _Exchange,
         prepared: PreparedRequest,
     ) -> web.StreamResponse:
-        meter = StreamMeter(ex.endpoint, strip_usage_chunk=prepared.strip_usage_chunk)
+        pump = _StreamPump(
+            self,
+            upstream,
+            ex,
+            StreamMeter(ex.endpoint, strip_usage_chunk=prepared.strip_usage_chunk),
+        )
         headers = forwardable_headers(upstream.headers, _RESPONSE_DROP)
         headers[REQUEST_ID_HEADER] = ex.key
         headers.update(ex.extra_headers)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
-        loop = asyncio.get_running_loop()
         self.metrics.streams_in_flight.inc()
-        committed = False
-        persisted_tokens = 0
-        persisted_at = loop.time()
         try:
             await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    out = meter.feed(chunk)
-                    if meter.done:
-                        if not committed:
-                            # [DONE] is in this chunk: the record goes first, then the bytes.
-                            await self._commit(
-                                self._record(ex, meter.usage(), RecordState.FINAL, upstream.status)
-                            )
-                            committed = True
-                    elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
-                        loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
-                        and meter.completion_tokens != persisted_tokens
-                    ):
-                        persisted_tokens = meter.completion_tokens
-                        persisted_at = loop.time()
-                        self.ledger.submit(
-                            self._record(ex, meter.usage(), RecordState.OPEN, upstream.status)
-                        )
-                    if out:
-                        await response.write(out)
-            except (
-                TimeoutError,
-                aiohttp.ClientPayloadError,
-                aiohttp.ServerDisconnectedError,
-            ) as exc:
-                raise UpstreamBroke(str(exc) or type(exc).__name__) from exc
-            tail = meter.finish()
-            self._log_anomalies(meter, ex)
-            if not committed:
-                await self._commit(
-                    self._record(ex, meter.usage(), RecordState.FINAL, upstream.status)
-                )
-                committed = True
-            if tail:
-                await response.write(tail)
+            async with contextlib.aclosing(pump.chunks()) as chunks:
+                async for out in chunks:
+                    await response.write(out)
             await response.write_eof()
             return response
         except UpstreamBroke as exc:
-            meter.finish()
-            self.metrics.upstream_errors.labels("broken_stream").inc()
-            log.warning(
-                "engine stream broke (job %s, request %s) after %d tokens: %s",
-                ex.job_id,
-                ex.key,
-                meter.completion_tokens,
-                exc,
-            )
-            if not committed:
-                await self._commit(
-                    self._record(ex, meter.usage(), RecordState.ABORTED, upstream.status)
-                )
-                committed = True
+            await pump.broke(exc)
             _abort_client(request)
             return response
         except (asyncio.CancelledError, ConnectionError) as exc:
             # The client went away: stop the engine and keep what was relayed.
-            upstream.close()
-            if not committed:
-                record = self._record(ex, meter.usage(), RecordState.ABORTED, upstream.status)
-                # Not awaited: the write happens even though this task is being cancelled.
-                self.ledger.submit(record).add_done_callback(_log_failed_write)
-                self._count(record)
-                committed = True
-            log.info(
-                "client left stream of job %s after %d tokens; engine request closed",
-                ex.job_id,
-                meter.completion_tokens,
-            )
+            pump.abandon()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return response
         except Exception:
-            if not committed:
-                self.ledger.submit(
-                    self._record(ex, meter.usage(), RecordState.ABORTED, upstream.status)
-                ).add_done_callback(_log_failed_write)
+            pump.abandon(close_upstream=False, count=False)
             _abort_client(request)
             raise
         finally:
@@ -520,6 +504,287 @@ class Proxy:
                 ex.key,
                 "; ".join(meter.anomalies[:5]),
             )
+
+    # -- the metered call, for shells that speak another API (sidecar/fabstir_api.py) -------
+
+    async def metered_call(
+        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+    ) -> MeteredAnswer:
+        """Send one non-stream OpenAI request to the engine, metered like the OpenAI routes.
+
+        The job is admitted by the chain (``JobRefused``) and ``max_tokens`` lowered to its
+        budget; the answer's record is committed before this returns (the chain service is
+        notified). Engine and ledger failures raise :class:`MeteredCallError`."""
+        ex, upstream = await self._start_call(endpoint, body, job_id, stream=False)
+        async with upstream:
+            try:
+                payload, usage = await self._meter_body(upstream, ex, _ENDPOINT_PATHS[endpoint])
+            except UpstreamBroke as exc:
+                raise MeteredCallError(
+                    502,
+                    "upstream_broken_response",
+                    f"the engine at {self.upstream_base} broke off its response",
+                ) from exc
+            except Exception as exc:
+                raise MeteredCallError(
+                    503,
+                    "ledger_unavailable",
+                    "the sidecar could not record this response's usage durably; retry later",
+                ) from exc
+        return MeteredAnswer(
+            key=ex.key,
+            status=upstream.status,
+            body=payload,
+            usage=usage,
+            max_tokens=_lowered(ex),
+        )
+
+    async def metered_stream(
+        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+    ) -> MeteredStream:
+        """Start one streamed OpenAI request to the engine, metered like the OpenAI routes.
+
+        Iterate the returned :class:`MeteredStream` for the engine's JSON chunks; the record is
+        committed before the iteration ends. Closing it early (``aclose``, or the consuming task
+        cancelled) closes the engine request and records the tokens relayed so far."""
+        ex, upstream = await self._start_call(endpoint, body, job_id, stream=True)
+        content_type = upstream.headers.get("Content-Type", "")
+        if upstream.status >= 300 or not content_type.startswith("text/event-stream"):
+            async with upstream:
+                try:
+                    payload, _ = await self._meter_body(upstream, ex, _ENDPOINT_PATHS[endpoint])
+                except Exception:
+                    payload = b""
+            raise MeteredCallError(
+                502 if upstream.status < 400 else upstream.status,
+                "upstream_error",
+                f"the engine answered {upstream.status}: {_engine_message(payload)}",
+            )
+        meter = StreamMeter(endpoint)
+        return MeteredStream(_StreamPump(self, upstream, ex, meter), upstream.status, _lowered(ex))
+
+    async def _start_call(
+        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None, *, stream: bool
+    ) -> tuple[_Exchange, aiohttp.ClientResponse]:
+        payload = dict(body, stream=stream)
+        if stream and self.inject_include_usage and endpoint is not Endpoint.EMBEDDINGS:
+            payload["stream_options"] = {"include_usage": True}
+        raw, extra = await self._admit(endpoint, job_id, json.dumps(payload).encode())
+        model = body.get("model")
+        ex = self._exchange(endpoint, job_id, model if type(model) is str else None, extra)
+        sent_at = time.perf_counter()
+        try:
+            upstream = await self.session.post(
+                self.upstream_base + _ENDPOINT_PATHS[endpoint],
+                data=raw,
+                headers={"Content-Type": "application/json"},
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise MeteredCallError(*self._upstream_failure(exc)) from exc
+        self.metrics.observe_upstream(endpoint.value, time.perf_counter() - sent_at)
+        return ex, upstream
+
+
+_ENDPOINT_PATHS = {endpoint: path for path, endpoint in METERED_ROUTES.items()}
+
+
+class MeteredCallError(Exception):
+    """A metered call that could not be served: ``status`` and ``code`` shape the error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredAnswer:
+    """A non-stream answer of the engine, already recorded in the ledger."""
+
+    key: str  # the record's idempotency key
+    status: int
+    body: bytes  # the engine's JSON answer
+    usage: Usage
+    max_tokens: int | None  # set when max_tokens was lowered to the job's budget
+
+
+class _StreamPump:
+    """Moves one engine stream through a StreamMeter: the one streaming loop of every shell.
+
+    ``chunks()`` yields the bytes to relay. It persists progress while the stream runs, and
+    commits the FINAL record before it yields the chunk that holds ``data: [DONE]`` (or, at an
+    end without it, before it returns). ``broke`` and ``abandon`` record what was relayed when
+    the engine or the client breaks off."""
+
+    def __init__(
+        self, proxy: Proxy, upstream: aiohttp.ClientResponse, ex: _Exchange, meter: StreamMeter
+    ) -> None:
+        self.proxy = proxy
+        self.upstream = upstream
+        self.ex = ex
+        self.meter = meter
+        self.committed = False
+
+    def _record(self, state: RecordState) -> UsageRecord:
+        return self.proxy._record(self.ex, self.meter.usage(), state, self.upstream.status)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        proxy, meter = self.proxy, self.meter
+        loop = asyncio.get_running_loop()
+        persisted_tokens = 0
+        persisted_at = loop.time()
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                out = meter.feed(chunk)
+                if meter.done:
+                    if not self.committed:
+                        # [DONE] is in this chunk: the record goes first, then the bytes.
+                        await proxy._commit(self._record(RecordState.FINAL))
+                        self.committed = True
+                elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
+                    loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
+                    and meter.completion_tokens != persisted_tokens
+                ):
+                    persisted_tokens = meter.completion_tokens
+                    persisted_at = loop.time()
+                    proxy.ledger.submit(self._record(RecordState.OPEN))
+                if out:
+                    yield out
+        except (
+            TimeoutError,
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerDisconnectedError,
+        ) as exc:
+            raise UpstreamBroke(str(exc) or type(exc).__name__) from exc
+        tail = meter.finish()
+        proxy._log_anomalies(meter, self.ex)
+        if not self.committed:
+            await proxy._commit(self._record(RecordState.FINAL))
+            self.committed = True
+        if tail:
+            yield tail
+
+    async def broke(self, exc: UpstreamBroke) -> None:
+        """The engine's stream broke: commit what was relayed as ABORTED."""
+        with contextlib.suppress(RuntimeError):  # finish() already ran
+            self.meter.finish()
+        self.proxy.metrics.upstream_errors.labels("broken_stream").inc()
+        log.warning(
+            "engine stream broke (job %s, request %s) after %d tokens: %s",
+            self.ex.job_id,
+            self.ex.key,
+            self.meter.completion_tokens,
+            exc,
+        )
+        if not self.committed:
+            await self.proxy._commit(self._record(RecordState.ABORTED))
+            self.committed = True
+
+    def abandon(self, *, close_upstream: bool = True, count: bool = True) -> None:
+        """The consumer left (client gone, generation cancelled): stop the engine, keep what
+        was relayed. Does not await: safe in a task that is being cancelled."""
+        if close_upstream:
+            self.upstream.close()
+        if not self.committed:
+            record = self._record(RecordState.ABORTED)
+            # Not awaited: the write happens even though this task is being cancelled.
+            self.proxy.ledger.submit(record).add_done_callback(_log_failed_write)
+            if count:
+                self.proxy._count(record)
+                if self.proxy.chain is not None and record.job_id is not None:
+                    self.proxy.chain.note_usage(record.job_id)
+            self.committed = True
+        if close_upstream:
+            log.info(
+                "client left stream of job %s after %d tokens; engine request closed",
+                self.ex.job_id,
+                self.meter.completion_tokens,
+            )
+
+
+class MeteredStream:
+    """A metered engine stream: :meth:`events` yields the engine's parsed JSON chunks
+    (``[DONE]`` excluded).
+
+    The FINAL record is committed before the iteration ends. ``usage`` is the metered usage
+    so far (final once the iteration ended); ``aclose`` stops the engine and records the
+    tokens so far as ABORTED."""
+
+    def __init__(self, pump: _StreamPump, status: int, max_tokens: int | None) -> None:
+        self._pump = pump
+        self.status = status
+        self.key = pump.ex.key
+        self.max_tokens = max_tokens
+        self._decoder = SSEDecoder()
+        self._closed = False
+
+    @property
+    def usage(self) -> Usage:
+        return self._pump.meter.usage()
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._pump.meter.completion_tokens
+
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        """The engine's chunks; use as ``async with contextlib.aclosing(stream.events())``."""
+        proxy = self._pump.proxy
+        proxy.metrics.streams_in_flight.inc()
+        try:
+            async with contextlib.aclosing(self._pump.chunks()) as chunks:
+                async for out in chunks:
+                    for event in self._decoder.feed(out):
+                        chunk = _json_chunk(event.data)
+                        if chunk is not None:
+                            yield chunk
+        except UpstreamBroke as exc:
+            await self._pump.broke(exc)
+            raise MeteredCallError(
+                502, "upstream_broken_response", "the engine's stream broke off"
+            ) from exc
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            proxy.metrics.streams_in_flight.dec()
+            self._release()
+
+    async def aclose(self) -> None:
+        self._abandon()
+        self._release()
+
+    def _abandon(self) -> None:
+        if not self._pump.committed:
+            self._pump.abandon()
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pump.upstream.release()
+
+
+def _json_chunk(data: str) -> dict[str, Any] | None:
+    if data == DONE:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if type(value) is dict else None
+
+
+def _lowered(ex: _Exchange) -> int | None:
+    value = ex.extra_headers.get(MAX_TOKENS_HEADER)
+    return None if value is None else int(value)
+
+
+def _engine_message(payload: bytes) -> str:
+    try:
+        error = json.loads(payload)["error"]
+        return str(error["message"] if isinstance(error, dict) else error)[:300]
+    except (ValueError, KeyError, TypeError):
+        return payload[:300].decode("utf-8", "replace") or "(empty)"
 
 
 def _abort_client(request: web.Request) -> None:
