@@ -92,8 +92,14 @@ class Admin:
             upstream["reachable"] = False
             upstream["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         upstream["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        status = "ok" if upstream["reachable"] else "degraded"
-        return web.json_response({"status": status, "version": __version__, "upstream": upstream})
+        body: dict[str, object] = {"version": __version__, "upstream": upstream}
+        healthy = bool(upstream["reachable"])
+        if self.chain is not None:
+            chain = await self.chain.health()
+            body["chain"] = chain
+            healthy = healthy and bool(chain["reachable"])
+        body["status"] = "ok" if healthy else "degraded"
+        return web.json_response(body)
 
     async def jobs(self, request: web.Request) -> web.Response:
         totals = await self.ledger.jobs()

@@ -169,6 +169,26 @@ class ChainService:
         if self.w3 is not None:
             await self.w3.provider.disconnect()
 
+    async def health(self) -> dict[str, object]:
+        """For /sidecar/health: does the RPC answer, and can the host key still pay for gas.
+
+        The balance is a decimal string of wei, never a float (so it is not a Prometheus gauge)."""
+        assert self.w3 is not None and self.account is not None
+        out: dict[str, object] = {
+            "contract_version": self.settings.contract_version,
+            "marketplace": self.address,
+            "host": self.account.address,
+            "unfinished_claims": len(await self.ledger.unfinished_claims()),
+        }
+        try:
+            block = await asyncio.wait_for(self.w3.eth.get_block_number(), timeout=3)
+            balance = await asyncio.wait_for(self.w3.eth.get_balance(self.account.address), 3)
+        except Exception as exc:
+            out.update(reachable=False, error=describe(exc))
+            return out
+        out.update(reachable=True, block=int(block), host_balance_wei=str(int(balance)))
+        return out
+
     # -- the proxy's side ------------------------------------------------------------------
 
     async def admit(self, job_id: int) -> int:

@@ -86,8 +86,13 @@ async def test_v1_claims_and_settles_exactly(llama_server, devnet, sidecar_facto
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{sidecar.url}/sidecar/jobs/{job}") as resp:
             view = await resp.json()
+        async with http.get(f"{sidecar.url}/sidecar/health") as resp:
+            health = await resp.json()
         async with http.get(f"{sidecar.url}/metrics") as resp:
             metrics = await resp.text()
+    assert health["status"] == "ok" and health["chain"]["reachable"] is True
+    assert int(health["chain"]["host_balance_wei"]) > 0
+    assert health["chain"]["unfinished_claims"] == 0
     assert view["tokens_confirmed"] == 250 and view["tokens_unclaimable"] == 42
     assert view["onchain"]["tokens_used"] == 250
     assert [c["state"] for c in view["claims"]] == ["confirmed", "unclaimable", "confirmed"]
