@@ -174,5 +174,21 @@ def decide(state: JobState) -> Decision:
         return WaitUntil(time_for(state.last_proof_time, smallest, state.rate), smallest)
 
     if cap >= smallest:
-        return ClaimNow(cap)
+        return _partial(state, cap, desired, smallest, urgent)
     return WaitUntil(time_for(state.last_proof_time, smallest, state.rate), smallest)
+
+
+def _partial(state: JobState, cap: int, desired: int, smallest: int, urgent: bool) -> Decision:
+    """Claim what the cap allows now, but never strand a remainder the contract cannot take.
+
+    Claiming ``cap`` of ``desired`` would leave ``desired - cap``; if that is under the
+    contract's minimum and no more tokens come, it can never be claimed. So leave at least the
+    minimum for the next claim, or wait until the cap allows all of it (when urgent, take what
+    the cap allows).
+    """
+    if urgent or desired - cap >= MIN_CLAIM_TOKENS:
+        return ClaimNow(cap)
+    keep_claimable = desired - MIN_CLAIM_TOKENS
+    if keep_claimable >= smallest:
+        return ClaimNow(keep_claimable)
+    return WaitUntil(time_for(state.last_proof_time, desired, state.rate), desired)

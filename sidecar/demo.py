@@ -335,10 +335,7 @@ async def _ws_session(sidecar_url: str, job: int, tally: _Seen) -> None:
         )
         ack = await ws.receive_json()
         print(f"   session_init -> {ack['type']}, tokens so far {ack.get('tokens_used')}")
-        # Small prompts: what is left unclaimed stays under the contract minimum, so the demo
-        # needs no second claim (anvil only moves chain time, which the rate cap reads, on
-        # new blocks).
-        for max_tokens in (10, 15, 20):
+        for max_tokens in (40, 50, 60):
             request = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True}
             await ws.send_json({"type": "prompt", "jobId": f"{job}n", "request": request})
             chunks = 0

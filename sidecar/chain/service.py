@@ -275,6 +275,31 @@ class ChainService:
         totals = await self.ledger.job(job_id)
         return 0 if totals is None else totals.billable_tokens
 
+    def _claim_by(self, view: OnChainJob) -> int:
+        """When unclaimed tokens must be secured even in small claims: a margin before anyone
+        may time the session out. The margin is a third of the window, at most TIMEOUT_MARGIN:
+        a short proof interval (v1's is in seconds) must not make every moment urgent."""
+        assert self.market is not None
+        timeout = self.market.timeout_after(view)
+        window = max(0, timeout - view.last_proof_time)
+        return timeout - min(TIMEOUT_MARGIN, window // 3)
+
+    async def _chain_now(self) -> int:
+        """The timestamp the next block will have, as well as the node knows it: the contract
+        measures the rate cap and the dispute window with it. The pending block's (the same
+        block gas is estimated against); the latest block's where a node has no pending block.
+        On a quiet chain the latest block can be far behind, and a claim would wait for a block
+        nobody mines."""
+        assert self.w3 is not None
+        latest = int((await self.w3.eth.get_block("latest"))["timestamp"])
+        try:
+            pending = int((await self.w3.eth.get_block("pending"))["timestamp"])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            return latest
+        return max(latest, pending)
+
     async def _closed_rows(self, job_id: int) -> list[LedgerRow]:
         """The job's finished records, in ledger order: what claims commit to. Records that were
         submitted without waiting (a stream cut off by a disconnect) are flushed first, so a
@@ -349,8 +374,7 @@ class ChainService:
             for c in claims
             if c.kind is ClaimKind.PROOF and c.state in (ClaimState.SENT, ClaimState.CONFIRMED)
         )
-        latest = await self.w3.eth.get_block("latest")
-        chain_now = int(latest["timestamp"])
+        chain_now = await self._chain_now()
         state = JobState(
             metered=metered,
             claimed=max(claimed, view.tokens_used),
@@ -362,7 +386,7 @@ class ChainService:
             checkpoint=self.settings.checkpoint_tokens,
             settling=job.settle_requested,
             min_first_claim=self.market.min_first_claim(view),
-            claim_by=self.market.timeout_after(view) - TIMEOUT_MARGIN,
+            claim_by=self._claim_by(view),
         )
         decision = decide(state)
         seq = (claims[-1].seq if claims else 0) + 1

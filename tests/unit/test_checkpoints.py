@@ -437,3 +437,33 @@ def test_any_single_decision_is_within_the_rules(
     else:
         assert isinstance(decision, Idle)
         assert not (settling and decision.reason is not IdleReason.IN_FLIGHT)
+
+
+def test_a_partial_claim_never_strands_a_remainder_under_the_minimum() -> None:
+    """Seen in the demo: 198 unclaimed, the cap allowing 100; claiming 100 left 98 that the
+    contract could never take. Wait for all of it, or leave at least the minimum."""
+    base = JobState(
+        metered=318, claimed=120, onchain_used=120, budget=10_000, last_proof_time=0, now=5, rate=20
+    )
+    assert decide(base) == WaitUntil(at=10, tokens=198)
+    wider = JobState(
+        metered=370,
+        claimed=120,
+        onchain_used=120,
+        budget=10_000,
+        last_proof_time=0,
+        now=10,
+        rate=20,
+    )  # 250 unclaimed, cap 200
+    assert decide(wider) == ClaimNow(150)  # 100 left: still claimable later
+    urgent = JobState(
+        metered=318,
+        claimed=120,
+        onchain_used=120,
+        budget=10_000,
+        last_proof_time=0,
+        now=5,
+        rate=20,
+        claim_by=5,
+    )
+    assert decide(urgent) == ClaimNow(100)  # the session's timeout comes first
