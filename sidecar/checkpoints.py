@@ -18,6 +18,9 @@ mistake a public host made:
 - Fewer, larger claims cost less gas per token (the v1 contract scans every earlier proof):
   claim as much as the cap and the deposit allow, and at settlement wait for the cap to allow the
   whole remainder in one claim unless the session's timeout would come first.
+- A partial claim (the cap allows less than is unclaimed) never leaves a remainder under the
+  contract's minimum: it leaves at least the minimum for the next claim, or waits for the cap to
+  allow all of it (unless the session's timeout is near).
 - At settlement, a remainder the contract cannot take (under its minimum, or beyond the deposit)
   is reported as unclaimable, so the ledger can record it and the books balance.
 
