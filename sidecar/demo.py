@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sidecar.children import die_with_parent, stop_process
 from sidecar.cli import format_jobs_table
 from sidecar.ledger import JobTotals
 
@@ -58,17 +58,17 @@ def _tail(path: Path, size: int = 2000) -> str:
 @contextlib.contextmanager
 def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the demo, which stops them in order
+            preexec_fn=die_with_parent(),
+        )
         try:
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            stop_process(proc, 30)
 
 
 @dataclass

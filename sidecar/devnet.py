@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -52,6 +51,8 @@ from typing import Any, Literal, Self
 
 import web3
 from web3.logs import DISCARD
+
+from sidecar.children import die_with_parent, stop_process
 
 Version = Literal["v1", "v2"]
 VERSIONS: tuple[Version, ...] = ("v1", "v2")
@@ -229,20 +230,10 @@ class Deployment:
 
 # -- the process ---------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-# Resolved before any fork: the child should do as little as possible between fork and exec.
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_running_lock = threading.Lock()
-_running: set[Devnet] = set()
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec; the setting survives exec.
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
 
 _LISTENING = re.compile(rb"Listening on ([0-9.]+):(\d+)")
+_running_lock = threading.Lock()
+_running: set[Devnet] = set()
 
 
 class Devnet:
@@ -365,7 +356,7 @@ class Devnet:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if _libc is not None else None,
+                preexec_fn=die_with_parent(),
             )
         with _running_lock:
             _running.add(self)
@@ -433,14 +424,7 @@ class Devnet:
         process, self.process = self.process, None
         with _running_lock:
             _running.discard(self)
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout)
 
     def restart(self) -> Self:
         """Stop and start again on the same port and state file: the same chain continues

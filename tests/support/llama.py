@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +47,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self
+
+from sidecar.children import die_with_parent, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_DIR = REPO_ROOT / "upstream"
@@ -95,17 +95,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-_PR_SET_PDEATHSIG = 1
-# Resolved before any fork: the child should do as little as possible between fork and exec.
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec; the setting survives exec.
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class LlamaServerError(RuntimeError):
@@ -204,7 +193,7 @@ class LlamaServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if _libc is not None else None,
+                preexec_fn=die_with_parent(),
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         with _lock:
@@ -238,14 +227,7 @@ class LlamaServer:
         process, self.process = self.process, None
         with _lock:
             _running.discard(self)
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.exists():
