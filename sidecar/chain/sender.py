@@ -33,6 +33,8 @@ from web3.exceptions import (
     Web3RPCError,
 )
 
+from sidecar.chain.marketplace import revert_reason
+
 log = logging.getLogger("sidecar.chain")
 
 GAS_MARGIN_PERCENT = 25  # over the estimate: state can move between estimate and inclusion
@@ -67,13 +69,10 @@ class TxResult:
 OnSent = Callable[[str, int], Awaitable[None]]
 
 
-def revert_reason(exc: BaseException) -> str:
-    """The contract's reason string from a web3 revert error (``execution reverted: X`` -> X)."""
-    message = str(exc.args[0]) if exc.args else str(exc)
-    for prefix in ("execution reverted: ", "execution reverted:"):
-        if prefix in message:
-            return message.split(prefix, 1)[1].strip().strip("'\"")
-    return message
+def _reason(exc: BaseException) -> str:
+    """The contract's reason (Error(string), custom errors, node messages), else the error text:
+    the caller classifies it either way."""
+    return revert_reason(exc) or str(exc) or type(exc).__name__
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -138,7 +137,7 @@ class ChainSender:
             # the claim will be mined in, and "latest" would refuse a claim it allows.
             estimate = await self.w3.eth.estimate_gas(call, "pending")  # type: ignore[arg-type]
         except ContractLogicError as exc:
-            return TxResult(Outcome.REVERTED, None, revert_reason(exc))
+            return TxResult(Outcome.REVERTED, None, _reason(exc))
         nonce = await self.w3.eth.get_transaction_count(self.address, "pending")
         latest = await self.w3.eth.get_block("latest")
         base_fee = int(latest.get("baseFeePerGas", 0) or 0)
@@ -202,7 +201,7 @@ class ChainSender:
             try:
                 await self.w3.eth.call(replay, block)  # type: ignore[arg-type]
             except ContractLogicError as exc:
-                reason = revert_reason(exc)
+                reason = _reason(exc)
             except Exception as exc:  # the replay is best effort
                 log.debug("could not replay reverted tx %s: %s", tx_hash, describe(exc))
         return TxResult(Outcome.REVERTED, tx_hash, reason, block, ())

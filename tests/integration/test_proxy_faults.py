@@ -282,3 +282,37 @@ async def test_unmetered_routes_are_relayed(sidecar_factory, faulty_upstream) ->
         async with client.get(sidecar.url + "/nothing/here?x=1") as resp:
             assert resp.status == 404
     assert await sidecar.ledger.jobs() == []
+
+
+async def test_nothing_is_served_unrecorded_when_the_ledger_fails(
+    sidecar_factory, faulty_upstream, tmp_path
+) -> None:
+    """A real SQLite failure (a trigger refusing every insert): a JSON answer becomes a 503, a
+    stream is cut before [DONE]; the sidecar itself keeps running."""
+    import sqlite3
+
+    ledger_path = tmp_path / "failing.db"
+    sidecar = await sidecar_factory(faulty_upstream.url, ledger_path=ledger_path)
+    conn = sqlite3.connect(ledger_path)
+    conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON usage_records "
+        "BEGIN SELECT RAISE(ABORT, 'the disk is gone'); END"
+    )
+    conn.commit()
+    conn.close()
+    async with aiohttp.ClientSession() as client:
+        async with client.post(sidecar.url + CHAT, json={"model": "m", "job_id": 1}) as resp:
+            assert resp.status == 503
+            assert_openai_error(await resp.json(), "ledger_unavailable")
+        received = b""
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.post(
+                sidecar.url + CHAT,
+                json={"model": "m", "stream": True, "max_tokens": 3, "job_id": 1},
+            ) as resp:
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+        assert b"[DONE]" not in received
+        async with client.get(sidecar.url + "/sidecar/health") as resp:
+            assert resp.status == 200
+    assert await sidecar.ledger.records(1) == []
