@@ -38,16 +38,16 @@ $(MODEL): $(STAMP) upstream/make_tiny_model.py
 	$(BIN)/python upstream/make_tiny_model.py $(MODEL)
 
 demo: $(STAMP) $(MODEL) $(DEVCHAIN_BUILT)
-	$(BIN)/sidecar demo --model $(MODEL)
+	$(BIN)/python -m devtools.demo --model $(MODEL)
 
-test: $(STAMP) $(DEVCHAIN_BUILT)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: lint $(DEVCHAIN_BUILT)
 	$(BIN)/python -m pytest
 
+# ruff, then the type checker over sidecar/ and devtools/ (settings: pyproject.toml [tool.mypy]).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

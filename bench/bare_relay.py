@@ -1,6 +1,6 @@
 """A BARE aiohttp relay, for scale: what the sidecar's own stack costs before any metering.
 
-The same aiohttp server and client as sidecar/proxy.py (same connector settings, the same
+The same aiohttp server and client as the sidecar (sidecar/engine.py's connector settings, the same
 ``iter_any`` streaming relay) and nothing else: no metering, no ledger, no metrics, no header
 filtering beyond what HTTP needs. bench/overhead.py runs it on the sidecar's core, next to the
 sidecar, so the figures split the sidecar's overhead into "aiohttp's floor" and "what the

@@ -1099,7 +1099,9 @@ def _area(frame: str) -> str:
     for marker, area in (
         ("sidecar/metering", "sidecar.metering"),
         ("sidecar/ledger", "sidecar.ledger"),
-        ("sidecar/proxy", "sidecar.proxy"),
+        ("sidecar/exchange", "sidecar.exchange"),
+        ("sidecar/shells", "sidecar.shells"),
+        ("sidecar/engine", "sidecar.engine"),
         ("sidecar/metrics", "sidecar.metrics"),
         ("sidecar/", "sidecar (other)"),
         ("prometheus_client", "prometheus_client"),

@@ -11,20 +11,24 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sidecar.admin import Admin
 from sidecar.config import Settings
-from sidecar.fabstir_api import FabstirApi
+from sidecar.engine import EngineClient
+from sidecar.exchange import Exchange
 from sidecar.ledger import Ledger, open_ledger
 from sidecar.metrics import Metrics
-from sidecar.proxy import Proxy
+from sidecar.shells.admin import Admin
+from sidecar.shells.node_http import NodeHttp
+from sidecar.shells.node_ws import NodeWebSocket
+from sidecar.shells.openai_proxy import OpenAIProxy
 
 log = logging.getLogger("sidecar")
 
 LEDGER_KEY = web.AppKey("ledger", Ledger)
-PROXY_KEY = web.AppKey("proxy", Proxy)
+EXCHANGE_KEY = web.AppKey("exchange", Exchange)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -39,21 +43,34 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         from sidecar.chain.service import ChainService  # web3 only when a chain is configured
 
         chain = ChainService(settings, ledger, metrics)
-    proxy = Proxy(settings, ledger, metrics, chain)
-    admin = Admin(
-        ledger, metrics, settings.upstream, lambda: proxy.session, settings.admin_token, chain
+    engine = EngineClient(
+        settings.upstream, metrics, connect_timeout=settings.upstream_connect_timeout
     )
-    # The proxy reads bodies itself (with its own limit and an OpenAI-shaped 413).
+    exchange = Exchange(settings, ledger, metrics, engine, chain)
+    node_http = NodeHttp(
+        exchange,
+        engine,
+        ledger,
+        chain_id=settings.chain_id,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    node_ws = NodeWebSocket(
+        exchange, node_http, ledger, chain, max_message_bytes=settings.max_body_bytes
+    )
+    proxy = OpenAIProxy(exchange, engine, settings.max_body_bytes)
+    admin = Admin(ledger, metrics, engine, settings.admin_token, chain)
+    # The shells read bodies themselves (with their own limit and an OpenAI-shaped 413).
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[LEDGER_KEY] = ledger
-    app[PROXY_KEY] = proxy
+    app[EXCHANGE_KEY] = exchange
     app[METRICS_KEY] = metrics
     app.add_routes(admin.routes())
     # The host node's own API (/v1/inference, /v1/ws, ...): before the proxy's catch-all.
-    app.add_routes(FabstirApi(settings, proxy, ledger).routes())
+    app.add_routes(node_http.routes())
+    app.add_routes(node_ws.routes())
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
 
-    async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await ledger.open()
         interrupted = await ledger.close_interrupted(time.time_ns() // 1_000_000)
         if interrupted:
@@ -64,10 +81,10 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         try:
             if chain is not None:
                 await chain.start()  # refuses to start on a wrong chain, address or version
-            await proxy.start()
+            await engine.start()
             yield
         finally:
-            await proxy.close()
+            await engine.close()
             if chain is not None:
                 await chain.stop()
             await ledger.close()

@@ -1,19 +1,27 @@
-"""The ``sidecar`` command: ``serve`` the proxy, read the ledger with ``jobs``, run the ``demo``."""
+"""The ``sidecar`` command: ``serve`` the proxy, read the ledger with ``jobs``, ``settle`` a job.
+
+``devnet`` and ``demo`` are the checkout's development tools (devtools/, not in the installed
+package): imported only when asked for, with a one-line message where they are not importable.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, add_arguments, load_settings
-from sidecar.ledger import Claim, ClaimKind, ClaimState, JobTotals, claim_totals, open_ledger
+from sidecar.errors import ChainCheckError
+from sidecar.jobs_table import format_jobs_table
+from sidecar.ledger import Claim, JobTotals, claim_totals, open_ledger
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
 
 log = logging.getLogger("sidecar")
@@ -80,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "devnet",
         allow_abbrev=False,
-        help="run a local chain with the JobMarketplace test doubles (development)",
+        help="run a local chain with the JobMarketplace test doubles (a checkout's development "
+        "tool: python -m devtools.devnet)",
         add_help=False,
     )
 
     demo = commands.add_parser(
         "demo",
         allow_abbrev=False,
-        help="run the end-to-end demo on a local model (used by `make demo`)",
+        help="run the end-to-end demo on a local model (a checkout's development tool: "
+        "python -m devtools.demo, behind `make demo`)",
         description="Start the engine on a GGUF model and the sidecar in front of it, send "
         "streamed and non-streamed requests for two jobs with the OpenAI SDK, print what was "
         "metered, and stop everything.",
@@ -104,9 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["devnet"]:
-        from sidecar.devnet import main as devnet_main
-
-        return devnet_main(argv[1:])
+        devnet = _devtools("devnet")
+        return 2 if devnet is None else int(devnet.main(argv[1:]))
     args = build_parser().parse_args(argv)
     flags = vars(args)
     try:
@@ -123,22 +132,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "jobs":
             return _jobs(load_settings(flags), args.job, as_json=args.json)
         if args.command == "demo":
-            from sidecar.demo import run_demo
-
-            return run_demo(model=args.model, workdir=args.workdir)
+            demo = _devtools("demo")
+            return 2 if demo is None else int(demo.run_demo(model=args.model, workdir=args.workdir))
     except ConfigError as exc:
         print(f"sidecar: configuration error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from sidecar.chain.marketplace import ChainCheckError
-
-        if isinstance(exc, ChainCheckError):
-            print(f"sidecar: refusing to start: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except ChainCheckError as exc:
+        print(f"sidecar: refusing to start: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _devtools(name: str) -> ModuleType | None:
+    """``devtools.<name>``: the development tools of a checkout, not part of the installed
+    package. None, with a one-line message, where they cannot be imported."""
+    try:
+        return importlib.import_module(f"devtools.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("devtools", f"devtools.{name}"):
+            raise
+        print(
+            f"sidecar {name}: a development tool of a checkout, not of the installed package: "
+            f"run `python -m devtools.{name}` from the repository",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -228,54 +248,6 @@ def _settle(settings: Settings, job: str) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"sidecar: no sidecar answers at {url}: {exc}", file=sys.stderr)
         return 1
-
-
-def format_jobs_table(
-    totals: Sequence[JobTotals], claims: dict[int, list[Claim]] | None = None
-) -> str:
-    """A fixed-width table of job totals (and, with a chain, what was claimed), for people."""
-    with_chain = bool(claims)
-    header: tuple[str, ...] = ("job", "requests", "open", "prompt", "completion", "billable")
-    if with_chain:
-        header += ("claimed", "confirmed", "unclaimable", "settled")
-    header += ("by source",)
-    rows = [header]
-    for t in totals:
-        sources = ", ".join(f"{k} {v}" for k, v in sorted(t.billable_by_source.items())) or "-"
-        row: tuple[str, ...] = (
-            "unattributed" if t.job_id is None else str(t.job_id),
-            str(t.requests),
-            str(t.open_requests),
-            str(t.prompt_tokens),
-            str(t.completion_tokens),
-            str(t.billable_tokens),
-        )
-        if with_chain:
-            mine = (claims or {}).get(t.job_id, []) if t.job_id is not None else []
-            sums = claim_totals(mine)
-            settled = any(
-                c.kind is ClaimKind.SETTLE and c.state is ClaimState.CONFIRMED for c in mine
-            )
-            row += (
-                str(sums["tokens_claimed"]),
-                str(sums["tokens_confirmed"]),
-                str(sums["tokens_unclaimable"]),
-                "yes" if settled else "-" if t.job_id is None else "no",
-            )
-        rows.append((*row, sources))
-    if len(rows) == 1:
-        return "no usage recorded yet"
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [
-            c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

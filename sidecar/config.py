@@ -20,6 +20,9 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
+from sidecar.chain.policy import DEFAULT_CHECKPOINT_TOKENS, MIN_CLAIM_TOKENS
+from sidecar.metering.dialects import ENGINE_NAMES
+
 ENV_PREFIX = "SIDECAR_"
 
 BILL_CHOICES = ("completion", "total")
@@ -67,7 +70,7 @@ class Settings:
         "llama-cpp-python",
         "the engine's usage dialect: llama-cpp-python reports no usage in streams (chunks are "
         "counted); the others report it only when asked, so the sidecar asks",
-        choices=("llama-cpp-python", "llama-server", "vllm", "ollama", "sglang", "tgi"),
+        choices=ENGINE_NAMES,
     )
     ledger: str = _opt(
         None,
@@ -122,9 +125,9 @@ class Settings:
         metavar="SECONDS",
     )
     checkpoint_tokens: int = _opt(
-        100,
-        "claim once a job has this many unclaimed billable tokens (at least 100, the "
-        "contract's minimum)",
+        DEFAULT_CHECKPOINT_TOKENS,
+        "claim once a job has this many unclaimed billable tokens (at least "
+        f"{MIN_CLAIM_TOKENS}, the contract's minimum)",
         metavar="TOKENS",
     )
     settle_after_idle: int = _opt(
@@ -329,8 +332,10 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(
                 "the host key is required with --rpc-url: --host-key-file PATH or SIDECAR_HOST_KEY"
             )
-    if settings.checkpoint_tokens < 100:
-        raise ConfigError("--checkpoint-tokens must be at least 100 (the contract's minimum)")
+    if settings.checkpoint_tokens < MIN_CLAIM_TOKENS:
+        raise ConfigError(
+            f"--checkpoint-tokens must be at least {MIN_CLAIM_TOKENS} (the contract's minimum)"
+        )
     if settings.dispute_window < 0 or settings.settle_after_idle < 0:
         raise ConfigError("--dispute-window and --settle-after-idle must not be negative")
     if not settings.ledger_url.startswith("sqlite:///"):

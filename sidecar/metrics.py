@@ -99,10 +99,10 @@ class Metrics:
         )
 
         # labels() costs a lock and a tuple build per call: keep the children of hot label sets.
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key = (id(metric), *labels)  # the metrics live as long as this object
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)

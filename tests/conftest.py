@@ -53,7 +53,7 @@ async def sidecar_factory(tmp_path: Path) -> AsyncIterator[SidecarFactory]:
 @pytest.fixture(scope="session")
 def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real anvil for the session (tests deploy their own contracts on it)."""
-    from sidecar.devnet import Devnet
+    from devtools.devnet import Devnet
 
     with Devnet.start(log_dir=tmp_path_factory.mktemp("anvil")) as chain:
         yield chain

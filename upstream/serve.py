@@ -35,8 +35,14 @@ Always passed: ``--interrupt_requests False``. With the server's default (True) 
 aborts the stream already running, which would cut metered streams short whenever two clients
 overlap (FACTS.md §2).
 
-The process is replaced by the server (``exec``), so signals from a supervisor (systemd, compose,
-the tests' helper) reach the engine directly and nothing is left behind.
+The process is replaced by the server (``exec``), so signals from a supervisor (systemd, compose)
+reach the engine directly and nothing is left behind.
+
+``build_command`` is the engine's argv, defined here only: devtools/engine.py (the checkout's one
+launcher, used by the demo and the tests) loads this file by path and builds its argv with it,
+and writes the tiny model with ``ensure_tiny_model``. This file must keep working alone: the engine
+image (upstream/Dockerfile) copies only it and runs it with nothing but llama-cpp-python, so it
+imports the standard library only (make_tiny_model.py lazily, when no --model is given).
 """
 
 from __future__ import annotations

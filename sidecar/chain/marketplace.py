@@ -55,13 +55,12 @@ proof' -> 'Not host'"):
 
 Earlier intermediate v2 deployments used the long strings; the revert table knows both.
 
-Pure logic (encoding, decoding, budgets, caps, revert classes) needs no chain; the few functions
-that talk to a node take a ``Web3`` or an ``AsyncWeb3`` and are ``async`` either way.
+Everything here is pure (encoding, decoding, budgets, windows, revert classes): what talks to a
+node is in ``rpc``, what sends transactions in ``sender``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from abc import ABC, abstractmethod
@@ -70,22 +69,29 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from functools import cache
 from importlib import resources
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError
+from eth_typing import HexStr
 from eth_utils import (
     event_abi_to_log_topic,
     function_abi_to_4byte_selector,
     keccak,
     to_checksum_address,
 )
-from web3.exceptions import ContractLogicError
 
+from sidecar.chain import policy
 from sidecar.chain.proofs import ClaimProof
 
+if TYPE_CHECKING:  # web3 itself is not needed to encode and decode
+    from eth_typing import ABIEvent, ABIFunction
+    from web3 import Web3
+    from web3.contract import Contract
+    from web3.contract.contract import ContractFunction
+    from web3.types import FilterParams
+
 ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
-MIN_PROVEN_TOKENS = 100
 V2_PRICE_PRECISION = 1000
 V2_DEFAULT_PROOF_TIMEOUT = 300
 
@@ -297,7 +303,8 @@ class Marketplace(ABC):
     """One contract version: how its calls are encoded and its answers decoded."""
 
     version: ClassVar[ContractVersion]
-    default_rate: ClassVar[int]  # tokens per second the claim-rate cap allows
+    # Tokens per second the claim-rate cap allows (policy.rate_cap applies it).
+    default_rate: ClassVar[int]
     price_precision: ClassVar[int]  # payment = tokens * price / price_precision
 
     # -- the ABI --
@@ -318,7 +325,8 @@ class Marketplace(ABC):
         return [p["type"] for p in self.entry(name)["outputs"]]
 
     def selector(self, name: str) -> bytes:
-        return function_abi_to_4byte_selector(self.entry(name))
+        # The ABI files hold plain JSON: the entry of a function name is a function's.
+        return function_abi_to_4byte_selector(cast("ABIFunction", self.entry(name)))
 
     def calldata(self, name: str, args: Sequence[Any]) -> bytes:
         return self.selector(name) + encode(self._inputs(name), list(args))
@@ -342,13 +350,17 @@ class Marketplace(ABC):
         """The ``proofHash`` that ``ProofSubmitted`` will carry for this proof."""
 
     # -- web3 objects, for the sender (gas estimates, transactions) --
-    def contract(self, w3: Any, address: str) -> Any:
+    def contract(self, w3: Web3, address: str) -> Contract:
         return w3.eth.contract(address=to_checksum_address(address), abi=self.abi)
 
-    def claim_function(self, contract: Any, job_id: int, tokens: int, proof: ClaimProof) -> Any:
+    def claim_function(
+        self, contract: Contract, job_id: int, tokens: int, proof: ClaimProof
+    ) -> ContractFunction:
         return contract.functions.submitProofOfWork(*self.claim_args(job_id, tokens, proof))
 
-    def settle_function(self, contract: Any, job_id: int, conversation_cid: str) -> Any:
+    def settle_function(
+        self, contract: Contract, job_id: int, conversation_cid: str
+    ) -> ContractFunction:
         return contract.functions.completeSessionJob(*self.settle_args(job_id, conversation_cid))
 
     # -- sessionJobs --
@@ -412,14 +424,14 @@ class Marketplace(ABC):
 
     def rate_cap(self, job: OnChainJob, now: int, rate: int | None = None) -> int:
         """The most tokens a claim mined at chain time ``now`` may carry."""
-        return max(0, now - job.last_proof_time) * (rate or self.default_rate)
+        return policy.rate_cap(job.last_proof_time, now, rate or self.default_rate)
 
     @abstractmethod
     def settle_not_before(self, job: OnChainJob, dispute_window: int) -> int:
         """The chain time from which the host may call ``completeSessionJob``."""
 
     def min_first_claim(self, job: OnChainJob) -> int:
-        """The least the first proof of a job may claim beyond MIN_PROVEN_TOKENS (0: none)."""
+        """The least the first proof of a job may claim beyond policy.MIN_CLAIM_TOKENS (0: none)."""
         return 0
 
     @abstractmethod
@@ -429,18 +441,18 @@ class Marketplace(ABC):
     # -- ProofSubmitted --
     @property
     def proof_submitted_topic(self) -> bytes:
-        return event_abi_to_log_topic(self.entry("ProofSubmitted"))
+        return event_abi_to_log_topic(cast("ABIEvent", self.entry("ProofSubmitted")))
 
     def proof_submitted_filter(
         self, address: str, job_id: int, host: str | None = None, from_block: int = 0
-    ) -> dict[str, Any]:
+    ) -> FilterParams:
         """An ``eth_getLogs`` filter for this job's ``ProofSubmitted`` (optionally by host)."""
-        topics: list[str | None] = [
-            "0x" + self.proof_submitted_topic.hex(),
-            "0x" + job_id.to_bytes(32, "big").hex(),
+        topics: list[HexStr | None] = [
+            HexStr("0x" + self.proof_submitted_topic.hex()),
+            HexStr("0x" + job_id.to_bytes(32, "big").hex()),
             None
             if host is None
-            else "0x" + bytes(12).hex() + to_checksum_address(host)[2:].lower(),
+            else HexStr("0x" + bytes(12).hex() + to_checksum_address(host)[2:].lower()),
         ]
         while topics[-1] is None:
             topics.pop()
@@ -492,7 +504,7 @@ class Marketplace(ABC):
         claim = self.entry("submitProofOfWork")
         settle = self.entry("completeSessionJob")
         return [
-            (_signature(claim), self.claim_calldata(0, MIN_PROVEN_TOKENS, dummy)),
+            (_signature(claim), self.claim_calldata(0, policy.MIN_CLAIM_TOKENS, dummy)),
             (_signature(settle), self.settle_calldata(0, "")),
         ]
 
@@ -557,149 +569,3 @@ def marketplace_for(version: str | ContractVersion) -> Marketplace:
         return _ADAPTERS[ContractVersion(version)]
     except ValueError:
         raise ValueError(f"unknown contract version {version!r}: use v1 or v2") from None
-
-
-# -- talking to a node (thin) -------------------------------------------------------------------
-
-
-async def _resolve(value: Any) -> Any:
-    # The same code serves Web3 (values) and AsyncWeb3 (awaitables).
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
-class ChainCheckError(RuntimeError):
-    """A start-up check failed; ``check`` names it. Messages never hold keys or RPC URLs."""
-
-    check: ClassVar[str] = "chain"
-
-
-class RpcUnreachableError(ChainCheckError):
-    check = "rpc"
-
-
-class ChainIdMismatchError(ChainCheckError):
-    check = "chain_id"
-
-
-class NoContractCodeError(ChainCheckError):
-    check = "code"
-
-
-class ContractVersionMismatchError(ChainCheckError):
-    check = "contract_version"
-
-
-async def _eth_call(w3: Any, address: str, data: bytes, sender: str | None = None) -> bytes:
-    tx: dict[str, Any] = {"to": to_checksum_address(address), "data": "0x" + data.hex()}
-    if sender is not None:
-        tx["from"] = to_checksum_address(sender)
-    return bytes(await _resolve(w3.eth.call(tx)))
-
-
-async def check_chain_id(w3: Any, expected: int) -> int:
-    try:
-        actual = int(await _resolve(w3.eth.chain_id))
-    except Exception as exc:
-        raise RpcUnreachableError(
-            f"chain check failed: the RPC endpoint does not answer eth_chainId "
-            f"({type(exc).__name__})"
-        ) from exc
-    if actual != expected:
-        raise ChainIdMismatchError(
-            f"chain id check failed: the RPC endpoint serves chain id {actual}, "
-            f"but the configured chain id is {expected}"
-        )
-    return actual
-
-
-async def check_has_code(w3: Any, address: str) -> None:
-    code = bytes(await _resolve(w3.eth.get_code(to_checksum_address(address))))
-    if not code:
-        raise NoContractCodeError(
-            f"contract code check failed: there is no contract at {to_checksum_address(address)} "
-            f"on this chain (wrong address, or wrong network?)"
-        )
-
-
-async def check_contract_version(w3: Any, address: str, market: Marketplace) -> None:
-    """Does the contract answer this version's getters and have its functions?
-
-    The seed's lesson: a host called a function its contract did not have. Each probe is an
-    ``eth_call``; a function that exists reverts with one of its reasons on job 0 from an address
-    that hosts nothing, while a missing one reverts without a reason (or a fallback accepts it).
-    """
-    other = marketplace_for(
-        ContractVersion.V2 if market.version is ContractVersion.V1 else ContractVersion.V1
-    )
-    hint = f"is it a {other.version} contract? (--contract-version {other.version})"
-    address = to_checksum_address(address)
-    failed = f"contract version check failed: the contract at {address}"
-    data: bytes | None = None
-    try:
-        data = await _eth_call(w3, address, market.calldata("sessionJobs", [0]))
-        market.decode_job_return(0, data)
-    except (ContractLogicError, ValueError, TypeError) as exc:
-        fields = len(market.entry("sessionJobs")["outputs"])
-        try:
-            other.decode_job_return(0, data or b"")
-        except ValueError:
-            hint = f"nor in the {other.version} layout: is it a JobMarketplace at all?"
-        raise ContractVersionMismatchError(
-            f"{failed} does not answer sessionJobs(uint256) in the {market.version} layout "
-            f"({fields} values); {hint}"
-        ) from exc
-    if market.version is ContractVersion.V2:
-        try:
-            decode_exact(
-                ["uint256"], await _eth_call(w3, address, market.calldata("disputeWindow", []))
-            )
-        except (ContractLogicError, ValueError, TypeError) as exc:
-            raise ContractVersionMismatchError(
-                f"{failed} does not answer disputeWindow(); {hint}"
-            ) from exc
-    for signature, data in market.probe_calls():
-        try:
-            await _eth_call(w3, address, data, sender=PROBE_SENDER)
-        except ContractLogicError as exc:
-            if revert_reason(exc) is not None:
-                continue  # it exists: it refused with one of its own reasons
-        raise ContractVersionMismatchError(f"{failed} has no {signature}; {hint}")
-
-
-async def check_marketplace(
-    w3: Any, *, chain_id: int, address: str, version: str | ContractVersion
-) -> Marketplace:
-    """The start-up checks in order (chain id, code, version); the adapter when all pass."""
-    market = marketplace_for(version)
-    await check_chain_id(w3, chain_id)
-    await check_has_code(w3, address)
-    await check_contract_version(w3, address, market)
-    return market
-
-
-async def read_job(w3: Any, address: str, market: Marketplace, job_id: int) -> OnChainJob:
-    data = await _eth_call(w3, address, market.calldata("sessionJobs", [job_id]))
-    return market.decode_job_return(job_id, data)
-
-
-async def read_dispute_window(w3: Any, address: str, market: Marketplace) -> int | None:
-    """v2's ``disputeWindow()``; None on v1, whose window is configured (it is not readable on
-    every v1 deployment)."""
-    if market.version is not ContractVersion.V2:
-        return None
-    (window,) = decode_exact(
-        ["uint256"], await _eth_call(w3, address, market.calldata("disputeWindow", []))
-    )
-    return int(window)
-
-
-async def proof_submitted_events(
-    w3: Any, address: str, market: Marketplace, job_id: int, host: str | None, from_block: int = 0
-) -> list[ProofSubmittedEvent]:
-    """This job's ``ProofSubmitted`` logs, e.g. to confirm a claim after "already submitted"."""
-    flt = market.proof_submitted_filter(address, job_id, host, from_block)
-    logs = await _resolve(w3.eth.get_logs(flt))
-    events = (market.decode_proof_submitted(log) for log in logs)
-    return [event for event in events if event is not None]

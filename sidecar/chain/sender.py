@@ -20,10 +20,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
 from web3 import AsyncWeb3
 from web3.exceptions import (
     ContractLogicError,
@@ -32,6 +33,7 @@ from web3.exceptions import (
     TransactionNotFound,
     Web3RPCError,
 )
+from web3.types import TxParams
 
 from sidecar.chain.marketplace import revert_reason
 
@@ -95,7 +97,7 @@ def is_transient(exc: BaseException) -> bool:
 class ChainSender:
     def __init__(
         self,
-        w3: AsyncWeb3,
+        w3: AsyncWeb3[Any],
         account: LocalAccount,
         chain_id: int,
         *,
@@ -131,18 +133,18 @@ class ChainSender:
                 raise
 
     async def _send_locked(self, to: str, data: bytes, on_sent: OnSent) -> TxResult:
-        call: dict[str, Any] = {"from": self.address, "to": to, "data": data}
+        call: TxParams = {"from": self.address, "to": to, "data": data}
         try:
             # Against the pending block: the rate cap is measured with the timestamp of the block
             # the claim will be mined in, and "latest" would refuse a claim it allows.
-            estimate = await self.w3.eth.estimate_gas(call, "pending")  # type: ignore[arg-type]
+            estimate = await self.w3.eth.estimate_gas(call, "pending")
         except ContractLogicError as exc:
             return TxResult(Outcome.REVERTED, None, _reason(exc))
         nonce = await self.w3.eth.get_transaction_count(self.address, "pending")
         latest = await self.w3.eth.get_block("latest")
         base_fee = int(latest.get("baseFeePerGas", 0) or 0)
         tip = int(await self.w3.eth.max_priority_fee)
-        tx = {
+        tx: dict[str, Any] = {
             **call,
             "chainId": self.chain_id,
             "nonce": nonce,
@@ -164,7 +166,7 @@ class ChainSender:
 
     async def _await_receipt(self, tx_hash: str, tx: dict[str, Any]) -> TxResult:
         receipt = await self.w3.eth.wait_for_transaction_receipt(
-            tx_hash,  # type: ignore[arg-type]
+            HexStr(tx_hash),
             timeout=self.receipt_timeout,
             poll_latency=self.poll_interval,
         )
@@ -173,7 +175,7 @@ class ChainSender:
     async def lookup(self, tx_hash: str) -> TxResult | None:
         """The outcome of an earlier transaction, or None if the chain does not know it (yet)."""
         try:
-            receipt = await self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+            receipt = await self.w3.eth.get_transaction_receipt(HexStr(tx_hash))
         except TransactionNotFound:
             return None
         except Exception as exc:
@@ -181,7 +183,7 @@ class ChainSender:
                 raise TransientChainError(describe(exc)) from None
             raise
         try:
-            tx = dict(await self.w3.eth.get_transaction(tx_hash))  # type: ignore[arg-type]
+            tx = dict(await self.w3.eth.get_transaction(HexStr(tx_hash)))
         except TransactionNotFound:
             tx = {}
         return await self._result(tx_hash, receipt, tx)
@@ -193,13 +195,17 @@ class ChainSender:
         # A mined revert carries no reason: replay the call at that block to read it.
         reason = "reverted without a reason"
         if tx:
-            replay = {
-                "from": tx.get("from", self.address),
-                "to": tx["to"],
-                "data": tx.get("data", tx.get("input")),
-            }
+            # The mined transaction's own fields, as the node returned them.
+            replay = cast(
+                TxParams,
+                {
+                    "from": tx.get("from", self.address),
+                    "to": tx["to"],
+                    "data": tx.get("data", tx.get("input")),
+                },
+            )
             try:
-                await self.w3.eth.call(replay, block)  # type: ignore[arg-type]
+                await self.w3.eth.call(replay, block)
             except ContractLogicError as exc:
                 reason = _reason(exc)
             except Exception as exc:  # the replay is best effort

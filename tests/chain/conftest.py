@@ -17,7 +17,8 @@ import pytest
 from eth_utils import keccak
 from web3.exceptions import ContractLogicError
 
-from sidecar.devnet import Deployment, Devnet
+from devtools.devchain import Deployment
+from devtools.devnet import Devnet
 
 ZERO_ADDRESS = "0x" + "00" * 20
 

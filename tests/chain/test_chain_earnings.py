@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.devnet import Deployment, Devnet, anvil_available
+from devtools.devchain import Deployment, anvil_available
+from devtools.devnet import Devnet
 
 pytestmark = [
     pytest.mark.integration,

@@ -14,15 +14,15 @@ import pytest
 from eth_utils import keccak
 from web3.logs import DISCARD
 
-from sidecar.devnet import (
+from devtools.devchain import (
     DEFAULT_DEPOSIT,
     ETHER,
     FEE_BASIS_POINTS,
     Deployment,
-    Devnet,
     anvil_available,
     load_artifact,
 )
+from devtools.devnet import Devnet
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,5 +1,6 @@
 """The devnet helper itself: anvil's lifecycle, accounts and keys, state kept across a restart,
-no orphan after the parent is killed, the compile script's selectors, and `sidecar devnet`."""
+no orphan after the parent is killed, the compile script's selectors, and
+`python -m devtools.devnet`."""
 
 from __future__ import annotations
 
@@ -22,14 +23,8 @@ import web3
 from eth_account import Account
 from eth_utils import function_signature_to_4byte_selector
 
-from sidecar.devnet import (
-    DEVCHAIN_DIR,
-    ETHER,
-    Devnet,
-    DevnetError,
-    anvil_available,
-    load_artifact,
-)
+from devtools.devchain import DEVCHAIN_DIR, ETHER, DevnetError, anvil_available, load_artifact
+from devtools.devnet import Devnet
 
 pytestmark = [
     pytest.mark.integration,
@@ -190,7 +185,7 @@ def test_anvil_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         f"""
         import time
         from pathlib import Path
-        from sidecar.devnet import Devnet
+        from devtools.devnet import Devnet
         chain = Devnet.start(log_dir=Path({str(tmp_path)!r}))
         print(chain.process.pid, chain.rpc_url, flush=True)
         time.sleep(120)
@@ -246,7 +241,7 @@ def test_devnet_command_prints_a_ready_chain_and_stops_on_ctrl_c(
     command = [
         sys.executable,
         "-m",
-        "sidecar.devnet",
+        "devtools.devnet",
         "--contract-version",
         version,
         "--json",

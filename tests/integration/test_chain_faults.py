@@ -149,7 +149,7 @@ async def test_claims_and_a_settlement_share_one_nonce_queue(
 
 
 async def test_chain_outage_keeps_serving_and_claims_later(llama_server, sidecar_factory, tmp_path):
-    from sidecar.devnet import Devnet
+    from devtools.devnet import Devnet
 
     with Devnet.start(state_path=tmp_path / "anvil-state.json", log_dir=tmp_path) as chain:
         deployment = chain.deploy("v1", dispute_window=30)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.checkpoints import (
+from sidecar.chain.policy import (
     MIN_CLAIM_TOKENS,
     ClaimNow,
     Idle,

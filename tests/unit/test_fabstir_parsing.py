@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.fabstir_api import (
+from sidecar.metering import Endpoint
+from sidecar.metering.jobs import InvalidJobId
+from sidecar.shells.node_protocol import (
     BadRequest,
     InferenceParams,
     chunk_text,
@@ -14,8 +16,6 @@ from sidecar.fabstir_api import (
     parse_inference,
     to_openai,
 )
-from sidecar.metering import Endpoint
-from sidecar.metering.jobs import InvalidJobId
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

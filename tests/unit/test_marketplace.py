@@ -21,26 +21,28 @@ from web3.providers.base import BaseProvider
 from sidecar.chain.marketplace import (
     PROBE_SENDER,
     ZERO_ADDRESS,
-    ChainIdMismatchError,
     ContractVersion,
-    ContractVersionMismatchError,
     Marketplace,
-    NoContractCodeError,
     OnChainJob,
     RevertKind,
-    RpcUnreachableError,
     SessionStatus,
-    check_marketplace,
     classify_revert,
     decode_exact,
     load_abi,
     marketplace_for,
-    proof_submitted_events,
-    read_dispute_window,
-    read_job,
     revert_reason,
 )
 from sidecar.chain.proofs import ClaimSpec, build_claim_proof, records_root
+from sidecar.chain.rpc import (
+    ChainIdMismatchError,
+    ContractVersionMismatchError,
+    NoContractCodeError,
+    RpcUnreachableError,
+    check_marketplace,
+    proof_submitted_events,
+    read_dispute_window,
+    read_job,
+)
 
 V1 = marketplace_for("v1")
 V2 = marketplace_for("v2")

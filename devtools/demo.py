@@ -1,74 +1,38 @@
-"""The end-to-end demo behind ``make demo``: engine, sidecar, OpenAI SDK client, per-job table.
+"""The end-to-end demo behind ``make demo``: chain, engine, sidecar, OpenAI SDK client, per-job
+table, claims and settlement.
 
-Everything it starts, it stops, even on Ctrl-C or failure.
+    python -m devtools.demo --model var/tiny.gguf [--workdir DIR]
+
+Everything it starts, it stops, even on Ctrl-C or failure: the engine through devtools/engine.py
+(the launcher the tests use too), the sidecar through devtools/children.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sidecar.children import die_with_parent, stop_process
-from sidecar.cli import format_jobs_table
+from devtools.children import start_process, stop_process, wait_for_http
+from devtools.devchain import Deployment
+from devtools.devnet import Devnet
+from devtools.engine import Engine, free_port
+from sidecar.jobs_table import format_jobs_table
 from sidecar.ledger import JobTotals
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited early; its log:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; log:\n{_tail(log)}")
-
-
-def _tail(path: Path, size: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-size:]
-    except OSError:
-        return "(no log)"
-
-
-@contextlib.contextmanager
-def _process(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the demo, which stops them in order
-            preexec_fn=die_with_parent(),
-        )
-        try:
-            yield proc
-        finally:
-            stop_process(proc, 30)
+if TYPE_CHECKING:  # the SDK is imported when the demo runs: without it, a message says so
+    from openai import OpenAI
+    from openai.types.chat import ChatCompletionMessageParam
 
 
 @dataclass
@@ -92,14 +56,20 @@ def run_demo(model: str, workdir: str | None = None) -> int:
     folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
     ledger = folder / "ledger.db"
-    engine_port, sidecar_port = _free_port(), _free_port()
-    engine_url = f"http://127.0.0.1:{engine_port}"
+    sidecar_port = free_port()
     sidecar_url = f"http://127.0.0.1:{sidecar_port}"
-    env_python = sys.executable
+    # No model alias: the engine lists the model's path. new_session: a Ctrl-C reaches the demo
+    # only, which stops the sidecar and then the engine, in that order.
+    engine = Engine(
+        folder,
+        model=model,
+        model_alias=None,
+        startup_timeout=120,
+        log_name="engine.log",
+        new_session=True,
+    )
 
     print(f"demo folder: {folder}")
-    from sidecar.devnet import Devnet
-
     with Devnet.start(log_dir=folder) as chain:
         deployment = chain.deploy("v1", dispute_window=30)
         jobs = (chain.create_session_job(deployment), chain.create_session_job(deployment))
@@ -115,51 +85,22 @@ def run_demo(model: str, workdir: str | None = None) -> int:
         )
         chain.increase_time(60)  # the claim-rate cap counts seconds since the session began
         chain.mine()
-        engine_cmd = [
-            env_python,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(engine_port),
-            "--n_ctx",
-            "2048",
-            "--interrupt_requests",
-            "False",
-        ]
-        sidecar_cmd = [
-            env_python,
-            "-m",
-            "sidecar",
-            "serve",
-            "--upstream",
-            engine_url,
-            "--listen",
-            f"127.0.0.1:{sidecar_port}",
-            "--ledger",
-            f"sqlite:///{ledger}",
-            "--rpc-url",
-            chain.rpc_url,
-            "--chain-id",
-            str(chain.chain_id),
-            "--marketplace",
-            deployment.marketplace,
-            "--contract-version",
-            "v1",
-            "--host-key-file",
-            str(key_file),
-            "--dispute-window",
-            "30",
-        ]
-        print(f"2. engine: llama-cpp-python server on {model} at {engine_url}")
-        with _process(engine_cmd, folder / "engine.log") as engine:
-            _wait_http(engine_url + "/v1/models", engine, folder / "engine.log", 120)
-            print(f"3. sidecar: {sidecar_url} -> {engine_url}, ledger {ledger}")
-            with _process(sidecar_cmd, folder / "sidecar.log") as sidecar:
-                _wait_http(sidecar_url + "/sidecar/health", sidecar, folder / "sidecar.log", 30)
+        try:
+            engine.start()
+            print(f"2. engine: llama-cpp-python server on {model} at {engine.base_url}")
+            print(f"3. sidecar: {sidecar_url} -> {engine.base_url}, ledger {ledger}")
+            command = _sidecar_command(
+                engine.base_url, sidecar_port, ledger, chain, deployment, key_file
+            )
+            sidecar = start_process(command, folder / "sidecar.log", new_session=True)
+            try:
+                wait_for_http(
+                    sidecar,
+                    sidecar_url + "/sidecar/health",
+                    name="the sidecar",
+                    log_path=folder / "sidecar.log",
+                    timeout=30,
+                )
                 client = OpenAI(base_url=sidecar_url + "/v1", api_key="none", max_retries=0)
                 seen: dict[str, _Seen] = {}
                 print("4. requests through the sidecar with the OpenAI SDK:")
@@ -172,7 +113,11 @@ def run_demo(model: str, workdir: str | None = None) -> int:
                 views = _settle_all(sidecar_url, jobs)
                 with urllib.request.urlopen(sidecar_url + "/sidecar/jobs", timeout=10) as resp:
                     listed = json.loads(resp.read())["jobs"]
+            finally:
+                stop_process(sidecar, 30)
             print("6. sidecar stopped; the ledger says (`sidecar jobs`):\n")
+        finally:
+            engine.stop(timeout=30)
         totals = [_totals_from_json(j) for j in listed]
         print(format_jobs_table(totals))
         print()
@@ -181,6 +126,41 @@ def run_demo(model: str, workdir: str | None = None) -> int:
     if not workdir:
         shutil.rmtree(folder, ignore_errors=True)
     return 0 if ok else 1
+
+
+def _sidecar_command(
+    engine_url: str,
+    port: int,
+    ledger: Path,
+    chain: Devnet,
+    deployment: Deployment,
+    key_file: Path,
+) -> list[str]:
+    """``sidecar serve`` in front of the engine, claiming on the devnet's v1 double."""
+    return [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "--upstream",
+        engine_url,
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--ledger",
+        f"sqlite:///{ledger}",
+        "--rpc-url",
+        chain.rpc_url,
+        "--chain-id",
+        str(chain.chain_id),
+        "--marketplace",
+        deployment.marketplace,
+        "--contract-version",
+        "v1",
+        "--host-key-file",
+        str(key_file),
+        "--dispute-window",
+        "30",
+    ]
 
 
 def _get_json(url: str, method: str = "GET") -> dict[str, Any]:
@@ -240,7 +220,7 @@ def _describe_claim(job: int, claim: dict[str, Any]) -> str:
 
 
 def _show_settlement(
-    chain: Any, deployment: Any, jobs: tuple[int, int], views: dict[int, dict[str, Any]]
+    chain: Devnet, deployment: Deployment, jobs: tuple[int, int], views: dict[int, dict[str, Any]]
 ) -> bool:
     ok = True
     print("on-chain after settlement:")
@@ -262,10 +242,7 @@ def _show_settlement(
     return ok
 
 
-def _send_requests(client: object, seen: dict[str, _Seen], jobs: tuple[int, int]) -> None:
-    from openai import OpenAI
-
-    assert isinstance(client, OpenAI)
+def _send_requests(client: OpenAI, seen: dict[str, _Seen], jobs: tuple[int, int]) -> None:
     a, b = str(jobs[0]), str(jobs[1])
     plan: list[tuple[str, dict[str, object], str, bool, int]] = [
         # (job as the client names it, how it names it, route, stream, max_tokens)
@@ -279,42 +256,7 @@ def _send_requests(client: object, seen: dict[str, _Seen], jobs: tuple[int, int]
     for job, naming, route, stream, max_tokens in plan:
         tally = seen.setdefault(job, _Seen())
         tally.requests += 1
-        if route == "chat":
-            kwargs: dict[str, object] = {
-                "model": "tiny",
-                "max_tokens": max_tokens,
-                "extra_body": naming,
-                "messages": [{"role": "user", "content": "Tell me a story."}],
-            }
-            if stream:
-                got = sum(
-                    1
-                    for c in client.chat.completions.create(stream=True, **kwargs)
-                    if c.choices and c.choices[0].delta.content
-                )
-                source = "chunks received"
-            else:
-                answer = client.chat.completions.create(**kwargs)
-                got = answer.usage.completion_tokens if answer.usage else 0
-                source = "engine usage"
-        else:
-            kwargs = {
-                "model": "tiny",
-                "prompt": "Once upon a time",
-                "max_tokens": max_tokens,
-                "extra_body": naming,
-            }
-            if stream:
-                got = sum(
-                    1
-                    for c in client.completions.create(stream=True, **kwargs)
-                    if c.choices and c.choices[0].text
-                )
-                source = "chunks received"
-            else:
-                answer = client.completions.create(**kwargs)
-                got = answer.usage.completion_tokens if answer.usage else 0
-                source = "engine usage"
+        got, source = _one_request(client, route, stream, max_tokens, naming)
         tally.completion_tokens += got
         shown = json.dumps(naming) if naming else "no job"
         kind = "stream" if stream else "json  "
@@ -322,6 +264,41 @@ def _send_requests(client: object, seen: dict[str, _Seen], jobs: tuple[int, int]
             f"   {route:<11} {kind} {shown:<24} max_tokens={max_tokens:<3} -> {got} tokens "
             f"({source})"
         )
+
+
+def _one_request(
+    client: OpenAI, route: str, stream: bool, max_tokens: int, naming: dict[str, object]
+) -> tuple[int, str]:
+    """One request; its completion tokens as the client sees them, and where that count is from:
+    the engine's usage for a JSON answer, the content chunks received for a stream."""
+    if route == "chat":
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": "Tell me a story."}
+        ]
+        if stream:
+            chunks = client.chat.completions.create(
+                model="tiny",
+                messages=messages,
+                max_tokens=max_tokens,
+                extra_body=naming,
+                stream=True,
+            )
+            received = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+            return received, "chunks received"
+        answer = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=max_tokens, extra_body=naming
+        )
+        return (answer.usage.completion_tokens if answer.usage else 0), "engine usage"
+    prompt = "Once upon a time"
+    if stream:
+        pieces = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=max_tokens, extra_body=naming, stream=True
+        )
+        return sum(1 for c in pieces if c.choices and c.choices[0].text), "chunks received"
+    completion = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=max_tokens, extra_body=naming
+    )
+    return (completion.usage.completion_tokens if completion.usage else 0), "engine usage"
 
 
 async def _ws_session(sidecar_url: str, job: int, tally: _Seen) -> None:
@@ -385,5 +362,31 @@ def _compare(totals: list[JobTotals], seen: dict[str, _Seen]) -> bool:
     return ok
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.demo",
+        description="Start a local chain, the engine on a GGUF model and the sidecar in front of "
+        "it, send streamed and non-streamed requests for two jobs with the OpenAI SDK, print what "
+        "was metered, claimed and settled, and stop everything.",
+    )
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("SIDECAR_DEMO_MODEL", "var/tiny.gguf"),
+        help="path of a GGUF model for the engine (default: $SIDECAR_DEMO_MODEL or "
+        "var/tiny.gguf, which `make demo` writes)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for the demo's ledger and logs (default: a temporary one)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_demo(model=args.model, workdir=args.workdir)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_demo(os.environ.get("SIDECAR_DEMO_MODEL", "var/tiny.gguf")))
+    raise SystemExit(main())

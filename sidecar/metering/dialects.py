@@ -1,7 +1,7 @@
 """What the sidecar must know about each engine's usage reporting, and nothing else.
 
-Metering never reads an engine's internals: it only differs in whether the engine reports usage
-in a stream on its own (llama-cpp-python never does, so its chunks are counted) or only when the
+Metering never reads an engine's internals: engines only differ in whether they report usage in a
+stream on their own (llama-cpp-python never does, so its chunks are counted) or only when the
 request asks for it with ``stream_options.include_usage`` (then the sidecar asks, and removes the
 extra usage chunk from the client's stream when the client did not ask itself).
 """
@@ -29,6 +29,7 @@ ENGINES: dict[str, EngineProfile] = {
         EngineProfile("tgi", inject_include_usage=True),
     )
 }
+ENGINE_NAMES = tuple(ENGINES)
 
 
 def engine_profile(name: str) -> EngineProfile:

@@ -1,6 +1,8 @@
 """When, and how many tokens, to claim on-chain for one job: a pure policy.
 
-``decide(JobState) -> Decision``. No clock, no chain, no ledger: the caller passes the job's
+``decide(JobState) -> Decision``, and the contract's claim rules it obeys: the minimum claim
+(:data:`MIN_CLAIM_TOKENS`, the one definition config.py and the marketplace adapters use) and the
+rate cap (:func:`rate_cap`). No clock, no chain, no ledger: the caller passes the job's
 state (from the ledger and the cached on-chain view) and acts on the answer. The rules, each a
 mistake a public host made:
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+# Nothing heavy is imported here: config.py imports this module.
 MIN_CLAIM_TOKENS = 100  # MIN_PROVEN_TOKENS in both contract versions
 DEFAULT_CHECKPOINT_TOKENS = 100
 
@@ -121,7 +124,8 @@ Decision = ClaimNow | WaitUntil | Idle | Settle
 
 
 def rate_cap(last_proof_time: int, now: int, rate: int) -> int:
-    """The most tokens a claim mined at ``now`` may carry."""
+    """The most tokens a claim mined at ``now`` may carry, ``rate`` being the contract's tokens
+    per second (``Marketplace.default_rate``)."""
     return max(0, now - last_proof_time) * rate
 
 

@@ -7,21 +7,20 @@
 from __future__ import annotations
 
 import hmac
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar import __version__
-from sidecar.errors import error_response
+from sidecar.engine import EngineClient
+from sidecar.errors import JobRefused, error_response, to_response
 from sidecar.ledger import Ledger, claim_totals
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
 from sidecar.metrics import Metrics
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # web3 is loaded only when a chain is configured
     from sidecar.chain.service import ChainService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,16 +31,14 @@ class Admin:
         self,
         ledger: Ledger,
         metrics: Metrics,
-        upstream: str,
-        session_getter: object,
+        engine: EngineClient,
         admin_token: str | None,
         chain: ChainService | None = None,
     ) -> None:
         self.chain = chain
         self.ledger = ledger
         self.metrics = metrics
-        self.upstream = upstream.rstrip("/")
-        self._session_getter = session_getter
+        self.engine = engine
         self._token = admin_token.encode() if admin_token else None
 
     def routes(self) -> list[web.RouteDef]:
@@ -78,22 +75,16 @@ class Admin:
         return guarded
 
     async def health(self, request: web.Request) -> web.Response:
-        session: aiohttp.ClientSession = self._session_getter()  # type: ignore[operator]
-        started = time.perf_counter()
-        upstream: dict[str, object] = {"url": self.upstream}
-        try:
-            async with session.get(
-                self.upstream + "/v1/models", timeout=aiohttp.ClientTimeout(total=3)
-            ) as resp:
-                await resp.read()
-                upstream["reachable"] = resp.status < 500
-                upstream["status"] = resp.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            upstream["reachable"] = False
-            upstream["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        upstream["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        engine = await self.engine.health()
+        upstream: dict[str, object] = {"url": self.engine.base_url, "reachable": engine.reachable}
+        if engine.status is not None:
+            upstream["status"] = engine.status
+        if engine.error is not None:
+            upstream["error"] = engine.error
+        upstream["models"] = list(engine.models)
+        upstream["latency_ms"] = engine.latency_ms
         body: dict[str, object] = {"version": __version__, "upstream": upstream}
-        healthy = bool(upstream["reachable"])
+        healthy = engine.healthy
         if self.chain is not None:
             chain = await self.chain.health()
             body["chain"] = chain
@@ -146,12 +137,10 @@ class Admin:
             job_id = parse_job_id(request.match_info["job_id"])
         except InvalidJobId as exc:
             return error_response(400, str(exc), code="invalid_job_id", param="job_id")
-        from sidecar.chain.service import JobRefused
-
         try:
             await self.chain.request_settlement(job_id)
         except JobRefused as exc:
-            return error_response(exc.status, str(exc), code=exc.code, param="job_id")
+            return to_response(exc)
         return web.json_response(
             {
                 "job_id": str(job_id),

@@ -21,219 +21,68 @@ No orphans: ``stop()``/``__exit__`` end anvil, an ``atexit`` hook stops what is 
 Linux the kernel sends anvil SIGTERM when the thread that started it dies, even by SIGKILL
 (``PR_SET_PDEATHSIG``).
 
-``main(argv)`` is the ``sidecar devnet`` command: start, deploy, create one session job, print
-what a sidecar needs to use it, and run until Ctrl-C.
+Contract builds, accounts, the doubles' default rules and ``Deployment`` are in
+devtools/devchain.py.
+
+``main(argv)`` is the ``python -m devtools.devnet`` command, run from the repository root (where
+``python -m sidecar devnet`` reaches it too): start, deploy, create one session job, print what a
+sidecar needs to use it, and run until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import web3
 from web3.logs import DISCARD
 
-from sidecar.children import die_with_parent, stop_process
-
-Version = Literal["v1", "v2"]
-VERSIONS: tuple[Version, ...] = ("v1", "v2")
-
-# An editable install (the project's only way to run the devnet) leaves this module in the
-# repository, next to devchain/. SIDECAR_DEVCHAIN_DIR points elsewhere when it is not.
-DEVCHAIN_DIR = Path(
-    os.environ.get("SIDECAR_DEVCHAIN_DIR") or Path(__file__).resolve().parents[1] / "devchain"
+from devtools.children import Running, die_with_parent, stop_process
+from devtools.devchain import (
+    DEFAULT_CHAIN_ID,
+    DEFAULT_DEPOSIT,
+    DEFAULT_DISPUTE_WINDOW,
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MNEMONIC,
+    DEFAULT_MODEL_ID,
+    DEFAULT_PRICE_PER_TOKEN,
+    DEFAULT_PROOF_INTERVAL,
+    DEFAULT_PROOF_TIMEOUT_WINDOW,
+    DEFAULT_RATE_PER_SECOND,
+    DEVCHAIN_DIR,
+    FEE_BASIS_POINTS,
+    MARKETPLACE_CONTRACT,
+    PROOF_SYSTEM_CONTRACT,
+    SESSION_STATUS,
+    VERSIONS,
+    Deployment,
+    DevAccount,
+    DevnetError,
+    Version,
+    anvil_path,
+    dev_accounts,
+    load_artifact,
 )
-BUILD_DIR = DEVCHAIN_DIR / "build"
-CONTRACTS_DIR = DEVCHAIN_DIR / "contracts"
-
-# anvil's default mnemonic; its accounts are public test keys, never to be used on a real network.
-DEFAULT_MNEMONIC = "test test test test test test test test test test test junk"
-DEFAULT_CHAIN_ID = 31337
-ETHER = 10**18
-
-# Defaults that give both versions a budget of 10,000 tokens for a 0.01 ETH deposit:
-# v1 pays tokensUsed * price, v2 pays tokensUsed * price / 1000 (PRICE_PRECISION).
-DEFAULT_DEPOSIT = 10**16
-DEFAULT_PRICE_PER_TOKEN: dict[Version, int] = {"v1": 10**12, "v2": 10**15}
-# The public contracts' claim-rate caps (tokens per second since the last proof, buffer
-# included): v1 10 * 2, v2 1000 * 2.
-DEFAULT_RATE_PER_SECOND: dict[Version, int] = {"v1": 20, "v2": 2000}
-# 30 s as in the public deployments (v1 started at 1 h); v2 refuses 0.
-DEFAULT_DISPUTE_WINDOW = 30
-FEE_BASIS_POINTS = 250
-# v1 proofInterval is seconds (times 10 tokens >= 100); v2 proofInterval is tokens (>= 100).
-DEFAULT_PROOF_INTERVAL: dict[Version, int] = {"v1": 10, "v2": 100}
-DEFAULT_PROOF_TIMEOUT_WINDOW = 300
-DEFAULT_MAX_DURATION = 24 * 3600
-# The model every v2 deployment approves; sessions are created for it unless told otherwise.
-# keccak256("sidecar-tiny"), written out so that importing this module computes nothing.
-DEFAULT_MODEL_ID = bytes.fromhex("cbe6397f33a73468895b3ebd4afbc50d7b19d56e7cb580c0a51f6cf6f25a2360")
-
-MARKETPLACE_CONTRACT: dict[Version, str] = {"v1": "JobMarketplaceV1", "v2": "JobMarketplaceV2"}
-PROOF_SYSTEM_CONTRACT: dict[Version, str] = {"v1": "ProofSystemV1", "v2": "ProofSystemV2"}
-# Status enums of the public contracts, by version.
-SESSION_STATUS: dict[Version, tuple[str, ...]] = {
-    "v1": ("Active", "Completed", "TimedOut", "Disputed", "Abandoned", "Cancelled"),
-    "v2": ("Active", "Completed", "TimedOut"),
-}
-
-_ANVIL_PACKAGES = {
-    ("Linux", "x86_64"): "anvil-linux-amd64",
-    ("Linux", "aarch64"): "anvil-linux-arm64",
-    ("Darwin", "x86_64"): "anvil-darwin-amd64",
-    ("Darwin", "arm64"): "anvil-darwin-arm64",
-}
-
-
-class DevnetError(RuntimeError):
-    """anvil did not start, a build is missing, or a devnet transaction failed."""
-
-
-# -- accounts ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DevAccount:
-    """One of anvil's funded dev accounts. ``key`` is the hex private key with ``0x``."""
-
-    name: str
-    index: int
-    address: str
-    key: str
-
-    def __repr__(self) -> str:
-        # Public test keys, but a repr should not teach anyone to print keys.
-        return f"DevAccount(name={self.name!r}, index={self.index}, address={self.address!r})"
-
-
-def dev_accounts(mnemonic: str = DEFAULT_MNEMONIC) -> dict[str, DevAccount]:
-    """anvil's first four accounts of ``mnemonic``, by role."""
-    from eth_account import Account
-    from eth_account.hdaccount import key_from_seed, seed_from_mnemonic
-
-    seed = seed_from_mnemonic(mnemonic, "")
-    accounts = {}
-    for index, name in enumerate(("deployer", "requester", "host", "stranger")):
-        key = key_from_seed(seed, f"m/44'/60'/0'/0/{index}")
-        address = Account.from_key(key).address
-        accounts[name] = DevAccount(name, index, address, "0x" + key.hex())
-    return accounts
-
-
-# -- artifacts -----------------------------------------------------------------------------
-
-
-def anvil_path() -> Path:
-    """The anvil binary that ``npm ci`` in devchain/ installed (``SIDECAR_ANVIL`` overrides)."""
-    override = os.environ.get("SIDECAR_ANVIL")
-    if override:
-        return Path(override)
-    package = _ANVIL_PACKAGES.get((platform.system(), platform.machine()), "anvil-linux-amd64")
-    return DEVCHAIN_DIR / "node_modules" / "@foundry-rs" / package / "bin" / "anvil"
-
-
-def anvil_available() -> bool:
-    """Whether the devchain is installed (for ``pytest.skip`` where it is not)."""
-    return anvil_path().exists()
-
-
-def _sources_newer_than(artifact: Path) -> bool:
-    if not artifact.exists():
-        return True
-    built = artifact.stat().st_mtime
-    return any(source.stat().st_mtime > built for source in CONTRACTS_DIR.glob("*.sol"))
-
-
-_compile_lock = threading.Lock()
-
-
-def compile_contracts(*, force: bool = False) -> None:
-    """Run devchain/compile.js (solc-js, offline) when a build is missing or older than its
-    sources. Each artifact is renamed into place, so concurrent compiles cannot tear a file."""
-    with _compile_lock:
-        stale = any(
-            _sources_newer_than(BUILD_DIR / f"{name}.json")
-            for name in (*MARKETPLACE_CONTRACT.values(), *PROOF_SYSTEM_CONTRACT.values())
-        )
-        if not (force or stale):
-            return
-        node = shutil.which("node")
-        if node is None or not (DEVCHAIN_DIR / "node_modules" / "solc").exists():
-            raise DevnetError(
-                "the contracts are not compiled and cannot be: run `npm ci` and "
-                f"`node compile.js` in {DEVCHAIN_DIR} (node and solc-js are needed)"
-            )
-        result = subprocess.run(
-            [node, str(DEVCHAIN_DIR / "compile.js")],
-            cwd=DEVCHAIN_DIR,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise DevnetError(f"compiling the contracts failed:\n{result.stderr}")
-
-
-def load_artifact(name: str) -> dict[str, Any]:
-    """``devchain/build/<name>.json`` (``abi``, ``bytecode``), compiling first if needed."""
-    compile_contracts()
-    path = BUILD_DIR / f"{name}.json"
-    try:
-        artifact: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DevnetError(f"no build of {name}: {path} is missing") from None
-    return artifact
-
-
-# -- deployments ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """Where one version of the marketplace double lives, and the rules it was deployed with."""
-
-    version: Version
-    chain_id: int
-    marketplace: str
-    host_earnings: str
-    proof_system: str | None
-    rate_per_second: int
-    dispute_window: int
-    fee_basis_points: int
-    # The block of the marketplace's deployment: where a log scan starts.
-    block_number: int
-    # v2: the model approved at deployment, as 0x-hex (None for v1).
-    model_id: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 # -- the process ---------------------------------------------------------------------------
 
 
 _LISTENING = re.compile(rb"Listening on ([0-9.]+):(\d+)")
-_running_lock = threading.Lock()
-_running: set[Devnet] = set()
+_running: Running[Devnet] = Running()
 
 
 class Devnet:
@@ -294,8 +143,7 @@ class Devnet:
             startup_timeout=startup_timeout,
             extra_args=extra_args,
         )
-        devnet._spawn()
-        return devnet
+        return devnet.launch()
 
     @property
     def rpc_url(self) -> str:
@@ -341,6 +189,14 @@ class Devnet:
             command += ["--state", str(self.state_path)]
         return command + list(self.extra_args)
 
+    def launch(self) -> Self:
+        """Start anvil for this devnet (``Devnet.start`` does it for you); waits until it
+        answers. A devnet already running is left as it is."""
+        if self.process is not None:
+            return self
+        self._spawn()
+        return self
+
     def _spawn(self) -> None:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="sidecar-devnet-"))
@@ -358,8 +214,7 @@ class Devnet:
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent(),
             )
-        with _running_lock:
-            _running.add(self)
+        _running.add(self)
         try:
             self._wait_until_ready(start_offset)
             self._keep_time_monotonic()
@@ -422,8 +277,7 @@ class Devnet:
 
     def _terminate(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None
-        with _running_lock:
-            _running.discard(self)
+        _running.discard(self)
         stop_process(process, timeout)
 
     def restart(self) -> Self:
@@ -716,22 +570,12 @@ class Devnet:
         return int(earnings.functions.getBalance(address, zero).call())
 
 
-@atexit.register
-def _stop_all() -> None:
-    # Last resort when a run ends without stopping its devnets (an interrupted fixture).
-    with _running_lock:
-        devnets = list(_running)
-    for devnet in devnets:
-        with contextlib.suppress(Exception):
-            devnet.stop(timeout=5.0)
-
-
-# -- the `sidecar devnet` command ----------------------------------------------------------
+# -- the `python -m devtools.devnet` command ------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sidecar devnet",
+        prog="python -m devtools.devnet",
         description=(
             "Start a local chain (anvil), deploy the JobMarketplace test double, create one "
             "session job, print what a sidecar needs to claim it, and run until Ctrl-C."
@@ -817,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except DevnetError as error:
-        print(f"sidecar devnet: {error}", file=sys.stderr)
+        print(f"devnet: {error}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

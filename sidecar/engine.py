@@ -1,0 +1,229 @@
+"""The one client of the engine: connection pool, transport errors, model list, health, dialect.
+
+Every shell reaches the engine through :class:`EngineClient`, so a transport failure is mapped
+once (an :class:`~sidecar.errors.UpstreamError`, counted and logged), the model list is fetched
+in one way, and ``/sidecar/health`` and the node's ``/health`` mean the same thing by healthy.
+
+The engine is never modified and never read beyond its OpenAI-compatible API; what the sidecar
+must know about each engine (its usage dialect) is :mod:`sidecar.metering.dialects`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from sidecar.errors import UpstreamBroke, UpstreamError
+from sidecar.metrics import Metrics
+
+log = logging.getLogger("sidecar.engine")
+
+MODELS_MAX_AGE = 30.0  # seconds the engine's model list is trusted for validation
+HEALTH_TIMEOUT = 3.0  # seconds a health probe waits for the engine's /v1/models
+
+
+# What a response that already began can die of: the engine closed, reset or stalled.
+_BREAKS = (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)
+
+
+class EngineResponse:
+    """One answer of the engine, its body read as it arrives. A break after the headers is an
+    :class:`~sidecar.errors.UpstreamBroke`; :meth:`close` drops the connection, which makes the
+    engine stop generating."""
+
+    __slots__ = ("_origin", "_response")
+
+    def __init__(self, response: aiohttp.ClientResponse, origin: str) -> None:
+        self._response = response
+        self._origin = origin  # the engine's base URL, for messages
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def reason(self) -> str | None:
+        return self._response.reason
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._response.headers
+
+    @property
+    def content_type(self) -> str:
+        return self._response.content_type
+
+    @property
+    def is_event_stream(self) -> bool:
+        """A successful ``text/event-stream`` answer: the body is a stream to meter chunk by
+        chunk (an error answer is read whole, whatever its type)."""
+        return self.status < 300 and self.headers.get("Content-Type", "").startswith(
+            "text/event-stream"
+        )
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (never re-chunked)."""
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except _BREAKS as exc:
+            raise self._broke(exc) from exc
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        try:
+            return await self._response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._broke(exc) from exc
+
+    def _broke(self, exc: BaseException) -> UpstreamBroke:
+        return UpstreamBroke(
+            f"the engine at {self._origin} broke off its response ({_describe(exc)})"
+        )
+
+    def close(self) -> None:
+        self._response.close()
+
+    def release(self) -> None:
+        self._response.release()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """One probe of the engine's ``/v1/models``: healthy when it answers 200 with a list."""
+
+    reachable: bool  # it answered at all, with a status under 500
+    status: int | None
+    models: tuple[str, ...]
+    latency_ms: float
+    error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == 200 and bool(self.models)
+
+
+class EngineClient:
+    """The connection pool to the engine at ``base_url`` (``start`` before use, then ``close``)."""
+
+    def __init__(self, base_url: str, metrics: Metrics, *, connect_timeout: float = 10) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.metrics = metrics
+        self.connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._models: tuple[float, tuple[str, ...]] | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            auto_decompress=False,  # relay the engine's bytes exactly as sent
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=None, connect=self.connect_timeout),
+            # Send only the client's own headers: no User-Agent, Accept or compression of ours.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _pool(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("EngineClient.start() was not called")
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path_qs: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> EngineResponse:
+        """Send one request; its answer's headers have arrived when this returns. An engine that
+        cannot be reached is an :class:`UpstreamError` (502, or 504 on a connect timeout)."""
+        try:
+            response = await self._pool().request(
+                method,
+                self.base_url + path_qs,
+                data=body or None,
+                headers=headers,
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self.unreachable(exc) from exc
+        return EngineResponse(response, self.base_url)
+
+    async def post_json(self, path: str, body: bytes) -> EngineResponse:
+        return await self.request("POST", path, body, {"Content-Type": "application/json"})
+
+    def unreachable(self, exc: BaseException) -> UpstreamError:
+        """The error for an engine that could not be reached (counted, logged)."""
+        if isinstance(exc, asyncio.TimeoutError):
+            kind, status, detail = "timeout", 504, "did not answer in time"
+        else:
+            kind, status, detail = "unreachable", 502, f"is unreachable ({_describe(exc)})"
+        self.metrics.upstream_errors.labels(kind).inc()
+        log.warning("upstream %s %s", self.base_url, detail)
+        return UpstreamError(
+            f"the engine at {self.base_url} {detail}", code=f"upstream_{kind}", status=status
+        )
+
+    async def models(self) -> tuple[str, ...]:
+        """The engine's model ids (cached for MODELS_MAX_AGE); empty when the engine cannot say."""
+        cached = self._models
+        if cached is not None and time.monotonic() - cached[0] < MODELS_MAX_AGE:
+            return cached[1]
+        return (await self.health()).models
+
+    async def health(self) -> EngineHealth:
+        """Probe ``/v1/models`` now (and refresh the cached model list)."""
+        started = time.perf_counter()
+        status: int | None = None
+        try:
+            async with self._pool().get(
+                self.base_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT)
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return EngineHealth(False, None, (), _elapsed_ms(started), _describe(exc))
+        models = _model_ids(raw) if status == 200 else ()
+        if models:
+            self._models = (time.monotonic(), models)
+        return EngineHealth(status < 500, status, models, _elapsed_ms(started))
+
+
+def _model_ids(raw: bytes) -> tuple[str, ...]:
+    try:
+        data = json.loads(raw)["data"]
+        return tuple(m["id"] for m in data if type(m) is dict and type(m.get("id")) is str)
+    except (ValueError, KeyError, TypeError):
+        return ()
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

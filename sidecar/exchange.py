@@ -1,0 +1,547 @@
+"""The metering core of every shell: one engine call, admitted, metered and recorded.
+
+A shell (the OpenAI proxy, the node's HTTP routes, the node's WebSocket) parses what its client
+sent and formats what its client gets; everything between is here, the same for all of them:
+
+* admission: the job must be one this host may serve (the chain says so), and ``max_tokens`` is
+  lowered to what the job's deposit still covers (an ``int``, never a header string);
+* the metered JSON answer: read whole, its usage extracted, its record committed, then handed
+  to the shell to deliver;
+* the metered stream (:class:`MeteredStream`, the one streaming loop): bytes relayed as they
+  arrive, progress persisted every 64 tokens or every second, the FINAL record committed before
+  the chunk holding ``[DONE]`` is handed on, an ABORTED record when the engine breaks off or the
+  consumer leaves (the engine request is then closed, so it stops generating);
+* the billing rule, and after every commit: the metrics and the chain service's notice.
+
+No sockets of the client's and no ``aiohttp.web`` here: the engine is reached through a small
+protocol (:class:`EngineReply`, implemented by :class:`sidecar.engine.EngineResponse`), so the
+core runs in-process in tests with a stub engine and a real ledger.
+
+Failures are :mod:`sidecar.errors`: :class:`~sidecar.errors.JobRefused` before anything is sent,
+:class:`~sidecar.errors.UpstreamError` / :class:`~sidecar.errors.UpstreamBroke` from the engine,
+:class:`~sidecar.errors.LedgerUnavailable` when a record cannot be committed (the answer must
+then not be delivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sidecar.config import Settings
+from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
+from sidecar.ledger import Ledger, RecordState, UsageRecord
+from sidecar.metering import DONE, Endpoint, Source, SSEDecoder, StreamMeter, Usage, estimate
+from sidecar.metering.dialects import engine_profile
+from sidecar.metering.requests import cap_max_tokens
+from sidecar.metering.usage import usage_from_body
+from sidecar.metrics import Metrics
+
+log = logging.getLogger("sidecar.exchange")
+
+METERED_ROUTES: dict[str, Endpoint] = {
+    "/v1/chat/completions": Endpoint.CHAT,
+    "/v1/completions": Endpoint.COMPLETIONS,
+    "/v1/embeddings": Endpoint.EMBEDDINGS,
+}
+ENDPOINT_PATHS: dict[Endpoint, str] = {endpoint: path for path, endpoint in METERED_ROUTES.items()}
+
+PROGRESS_EVERY_TOKENS = 64
+PROGRESS_EVERY_SECONDS = 1.0
+ENGINE_ERROR_TEXT = 300  # characters of an engine's error message quoted to the client
+
+
+class EngineReply(Protocol):
+    """What the core needs of one engine answer (see :class:`sidecar.engine.EngineResponse`)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def is_event_stream(self) -> bool: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class Engine(Protocol):
+    """What the core needs of the engine client, for calls it makes itself."""
+
+    async def post_json(self, path: str, body: bytes) -> EngineReply: ...
+
+
+class JobGate(Protocol):
+    """What the core needs of the chain service (:class:`sidecar.chain.service.ChainService`)."""
+
+    async def admit(self, job_id: int) -> int: ...
+
+    def note_usage(self, job_id: int) -> None: ...
+
+
+def billable_tokens(endpoint: Endpoint, usage: Usage, *, bill_total: bool) -> int:
+    """The tokens a response is billed for: generated tokens (``--bill completion``) or prompt
+    plus generated (``--bill total``). Embeddings generate nothing: their input is the work."""
+    if endpoint is Endpoint.EMBEDDINGS:
+        return usage.prompt_tokens or 0
+    return usage.total_tokens if bill_total else usage.completion_tokens
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def engine_error_message(status: int, payload: bytes) -> str:
+    """ "the engine answered STATUS: MESSAGE" for an engine's error answer, its text cut short."""
+    try:
+        error = json.loads(payload)["error"]
+        text = str(error["message"] if isinstance(error, dict) else error)[:ENGINE_ERROR_TEXT]
+    except (ValueError, KeyError, TypeError):
+        text = payload[:ENGINE_ERROR_TEXT].decode("utf-8", "replace") or "(empty)"
+    return f"the engine answered {status}: {text}"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What admission decided: the body to send, and the lowered ``max_tokens`` if it was."""
+
+    body: bytes
+    max_tokens: int | None = None  # set when lowered to what the job's deposit still covers
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One metered engine call while it is served: what its records are keyed and labelled by."""
+
+    key: str  # the record's idempotency key (also X-Sidecar-Request-Id)
+    endpoint: Endpoint
+    job_id: int | None
+    model: str | None
+    started_ms: int
+    max_tokens: int | None  # lowered by admission, else None
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredAnswer:
+    """A non-stream answer of the engine, already recorded in the ledger."""
+
+    call: Call
+    status: int
+    body: bytes  # the engine's answer, as sent
+    usage: Usage
+
+    @property
+    def key(self) -> str:
+        return self.call.key
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.call.max_tokens
+
+
+class Exchange:
+    """The core shared by every shell; one per app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        metrics: Metrics,
+        engine: Engine,
+        chain: JobGate | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.engine = engine
+        self.chain = chain
+        self.require_job = settings.require_job
+        self.bill_total = settings.bill == "total"
+        self.inject_include_usage = engine_profile(settings.engine).inject_include_usage
+        # Idempotency keys: a random 64-bit prefix per process and a counter (uuid4 would cost
+        # a system call per request); unique across restarts and replicas.
+        prefix = os.urandom(8).hex()
+        self._keys = (f"{prefix}-{n:x}" for n in itertools.count(1))
+
+    # -- admission -------------------------------------------------------------------------
+
+    def check_job_named(self, job_id: int | None, hint: str) -> None:
+        """With ``--require-job``, a request must name its job; ``hint`` says how."""
+        if job_id is None and self.require_job:
+            raise self.refused(
+                JobRefused(f"this host serves marketplace jobs only: {hint}", code="job_required")
+            )
+
+    def refused(self, error: JobRefused) -> JobRefused:
+        """Count a refusal by its code (and hand it back to raise)."""
+        self.metrics.rejected.labels(error.code).inc()
+        return error
+
+    async def admit_job(self, job_id: int) -> int | None:
+        """The tokens the job may still be served (None: no chain, so no limit), or
+        :class:`~sidecar.errors.JobRefused` (counted)."""
+        if self.chain is None:
+            return None
+        try:
+            return await self.chain.admit(job_id)
+        except JobRefused as exc:
+            raise self.refused(exc) from None
+
+    async def admit(self, endpoint: Endpoint, job_id: int | None, body: bytes) -> Admission:
+        """Ask the chain whether the job may be served; lower ``max_tokens`` to its budget.
+        Raises :class:`~sidecar.errors.JobRefused` (counted)."""
+        budget = None if job_id is None else await self.admit_job(job_id)
+        if budget is None or endpoint is Endpoint.EMBEDDINGS:
+            return Admission(body)
+        body, lowered = cap_max_tokens(body, budget)
+        # The deposit covers fewer tokens than asked: the shell says so rather than work for free.
+        return Admission(body, budget if lowered else None)
+
+    def start(
+        self, endpoint: Endpoint, job_id: int | None, model: str | None, admission: Admission
+    ) -> Call:
+        return Call(
+            key=next(self._keys),
+            endpoint=endpoint,
+            job_id=job_id,
+            model=model,
+            started_ms=now_ms(),
+            max_tokens=admission.max_tokens,
+        )
+
+    # -- records ---------------------------------------------------------------------------
+
+    def record(self, call: Call, usage: Usage, state: RecordState, status: int) -> UsageRecord:
+        return UsageRecord(
+            key=call.key,
+            job_id=call.job_id,
+            endpoint=call.endpoint.value,
+            model=call.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            billable_tokens=billable_tokens(call.endpoint, usage, bill_total=self.bill_total),
+            source=usage.source,
+            state=state,
+            status=status,
+            started_ms=call.started_ms,
+            updated_ms=now_ms(),
+        )
+
+    async def commit(self, record: UsageRecord) -> None:
+        """Make a response's final record durable; the caller sends the last byte after this.
+        Raises :class:`~sidecar.errors.LedgerUnavailable` when the ledger refuses it."""
+        started = time.perf_counter()
+        try:
+            await self.ledger.submit(record)
+        except Exception as exc:  # any failure of the write: the record is not durable
+            self.metrics.ledger_errors.inc()
+            log.exception(
+                "could not commit the usage of request %s (job %s)", record.key, record.job_id
+            )
+            raise LedgerUnavailable() from exc
+        self.metrics.ledger_write_latency.observe(time.perf_counter() - started)
+        self.committed(record)
+
+    def persist_progress(self, record: UsageRecord) -> None:
+        """An OPEN record of a running stream: written without waiting for the commit."""
+        self.ledger.submit(record)
+
+    def submit_unawaited(self, record: UsageRecord, *, count: bool = True) -> None:
+        """A final record written by a task that is being cancelled: not awaited, but the
+        ledger's writer commits it regardless."""
+        self.ledger.submit(record).add_done_callback(_log_failed_write)
+        if count:
+            self.committed(record)
+
+    def committed(self, record: UsageRecord) -> None:
+        self.metrics.count_response(
+            record.endpoint,
+            record.status,
+            record.job_id,
+            record.source.value,
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.billable_tokens,
+        )
+        if self.chain is not None and record.job_id is not None:
+            self.chain.note_usage(record.job_id)
+
+    # -- answers and streams ---------------------------------------------------------------
+
+    async def answer(self, call: Call, reply: EngineReply) -> MeteredAnswer:
+        """Read a whole (non-stream) answer, extract its usage, commit its record.
+
+        Raises :class:`~sidecar.errors.UpstreamBroke` if the engine broke off, and
+        :class:`~sidecar.errors.LedgerUnavailable` if the record could not be committed: the
+        caller must then not deliver the answer."""
+        try:
+            payload = await reply.read()
+        except UpstreamBroke:
+            self.metrics.upstream_errors.labels("broken_response").inc()
+            log.warning("engine response broke before its end (job %s)", call.job_id)
+            raise
+        usage: Usage | None = None
+        if reply.status < 300:
+            if not estimate.loaded() and b'"usage"' not in payload:
+                # The last-resort tokenizer takes a fraction of a second to build: off the
+                # event loop, and only for engines that ever answer without usage.
+                await asyncio.to_thread(estimate.load)
+            anomalies: list[str] = []
+            usage = usage_from_body(call.endpoint, payload, anomalies)
+            if anomalies:
+                self.metrics.stream_anomalies.inc(len(anomalies))
+                log.warning(
+                    "engine answer to %s (job %s, request %s) was malformed: %s",
+                    ENDPOINT_PATHS[call.endpoint],
+                    call.job_id,
+                    call.key,
+                    "; ".join(anomalies[:5]),
+                )
+        if usage is None:
+            # An error answer, or a body nothing can be read from: zero tokens, and never
+            # marked as reported by the engine.
+            usage = Usage(prompt_tokens=None, completion_tokens=0, source=Source.ESTIMATED)
+        await self.commit(self.record(call, usage, RecordState.FINAL, reply.status))
+        return MeteredAnswer(call, reply.status, payload, usage)
+
+    def stream(
+        self, call: Call, reply: EngineReply, *, strip_usage_chunk: bool = False
+    ) -> MeteredStream:
+        meter = StreamMeter(call.endpoint, strip_usage_chunk=strip_usage_chunk)
+        return MeteredStream(self, call, reply, meter)
+
+    # -- calls for shells that speak another API (the node's HTTP and WebSocket) -------------
+
+    async def call_json(
+        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+    ) -> MeteredAnswer:
+        """One non-stream OpenAI request to the engine, metered like the OpenAI routes; its
+        record is committed when this returns."""
+        call, reply = await self._send(endpoint, body, job_id, stream=False)
+        async with _released(reply):
+            return await self.answer(call, reply)
+
+    async def call_stream(
+        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+    ) -> MeteredStream:
+        """Start one streamed OpenAI request; iterate :meth:`MeteredStream.events`. An engine
+        that answers with an error instead of a stream is an :class:`UpstreamError` (recorded
+        with zero tokens)."""
+        call, reply = await self._send(endpoint, body, job_id, stream=True)
+        if not reply.is_event_stream:
+            async with _released(reply):
+                try:
+                    payload = (await self.answer(call, reply)).body
+                except (UpstreamBroke, LedgerUnavailable):
+                    payload = b""
+            raise UpstreamError(
+                engine_error_message(reply.status, payload),
+                status=502 if reply.status < 400 else reply.status,
+            )
+        return self.stream(call, reply)
+
+    async def _send(
+        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None, *, stream: bool
+    ) -> tuple[Call, EngineReply]:
+        payload = dict(body, stream=stream)
+        if stream and self.inject_include_usage and endpoint is not Endpoint.EMBEDDINGS:
+            payload["stream_options"] = {"include_usage": True}
+        admission = await self.admit(endpoint, job_id, json.dumps(payload).encode())
+        model = body.get("model")
+        call = self.start(endpoint, job_id, model if type(model) is str else None, admission)
+        sent_at = time.perf_counter()
+        reply = await self.engine.post_json(ENDPOINT_PATHS[endpoint], admission.body)
+        self.metrics.observe_upstream(endpoint.value, time.perf_counter() - sent_at)
+        return call, reply
+
+
+class MeteredStream:
+    """One engine stream through a :class:`StreamMeter`: the one streaming loop of every shell.
+
+    :meth:`chunks` yields the bytes to relay (a shell writes them unchanged); :meth:`events`
+    yields the engine's parsed JSON chunks instead. Either way:
+
+    * progress is persisted while the stream runs;
+    * the FINAL record is committed before the chunk holding ``data: [DONE]`` is yielded (or,
+      at an end without it, before the iteration ends);
+    * if the engine breaks off, an ABORTED record is committed and
+      :class:`~sidecar.errors.UpstreamBroke` raised;
+    * if the consumer stops early (``aclose``, a cancelled task, a client gone), the engine
+      request is closed and an ABORTED record written without waiting.
+    """
+
+    def __init__(
+        self, exchange: Exchange, call: Call, reply: EngineReply, meter: StreamMeter
+    ) -> None:
+        self.exchange = exchange
+        self.call = call
+        self.reply = reply
+        self.meter = meter
+        self.committed = False
+        self._released = False
+
+    @property
+    def key(self) -> str:
+        return self.call.key
+
+    @property
+    def status(self) -> int:
+        return self.reply.status
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.call.max_tokens
+
+    @property
+    def usage(self) -> Usage:
+        """The metered usage so far (final once the iteration ended)."""
+        return self.meter.usage()
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.meter.completion_tokens
+
+    def _record(self, state: RecordState) -> UsageRecord:
+        return self.exchange.record(self.call, self.meter.usage(), state, self.reply.status)
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """Use as ``async with contextlib.aclosing(stream.chunks()) as chunks``."""
+        exchange, meter = self.exchange, self.meter
+        exchange.metrics.streams_in_flight.inc()
+        loop = asyncio.get_running_loop()
+        persisted_tokens = 0
+        persisted_at = loop.time()
+        try:
+            async for chunk in self.reply.chunks():
+                out = meter.feed(chunk)
+                if meter.done:
+                    if not self.committed:
+                        # [DONE] is in this chunk: the record goes first, then the bytes.
+                        await exchange.commit(self._record(RecordState.FINAL))
+                        self.committed = True
+                elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
+                    loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
+                    and meter.completion_tokens != persisted_tokens
+                ):
+                    persisted_tokens = meter.completion_tokens
+                    persisted_at = loop.time()
+                    exchange.persist_progress(self._record(RecordState.OPEN))
+                if out:
+                    yield out
+            tail = meter.finish()
+            self._log_anomalies()
+            if not self.committed:
+                await exchange.commit(self._record(RecordState.FINAL))
+                self.committed = True
+            if tail:
+                yield tail
+        except UpstreamBroke as exc:
+            await self._broke(exc)
+            raise
+        except LedgerUnavailable:
+            # The final record was refused: the end is not delivered. What was relayed before
+            # is still written as ABORTED if the ledger takes it, but not counted as served.
+            self._abandon(count=False)
+            raise
+        finally:
+            exchange.metrics.streams_in_flight.dec()
+            if not self.committed:
+                self._abandon()
+
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        """The engine's JSON chunks (``[DONE]`` excluded); use as
+        ``async with contextlib.aclosing(stream.events())``."""
+        decoder = SSEDecoder()
+        try:
+            async with contextlib.aclosing(self.chunks()) as chunks:
+                async for out in chunks:
+                    for event in decoder.feed(out):
+                        chunk = _json_chunk(event.data)
+                        if chunk is not None:
+                            yield chunk
+        finally:
+            self.release()
+
+    async def aclose(self) -> None:
+        """Stop early: the engine request is closed, the tokens so far recorded as ABORTED."""
+        if not self.committed:
+            self._abandon()
+        self.release()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.reply.release()
+
+    async def _broke(self, exc: UpstreamBroke) -> None:
+        """The engine's stream broke: commit what was relayed as ABORTED."""
+        with contextlib.suppress(RuntimeError):  # finish() already ran
+            self.meter.finish()
+        self.exchange.metrics.upstream_errors.labels("broken_stream").inc()
+        log.warning(
+            "engine stream broke (job %s, request %s) after %d tokens: %s",
+            self.call.job_id,
+            self.call.key,
+            self.meter.completion_tokens,
+            exc,
+        )
+        if not self.committed:
+            self.committed = True
+            await self.exchange.commit(self._record(RecordState.ABORTED))
+
+    def _abandon(self, *, count: bool = True) -> None:
+        """The consumer left (client gone, generation cancelled): stop the engine, keep what
+        was relayed. Does not await: safe in a task that is being cancelled."""
+        self.committed = True
+        self.reply.close()
+        self.exchange.submit_unawaited(self._record(RecordState.ABORTED), count=count)
+        log.info(
+            "client left stream of job %s after %d tokens; engine request closed",
+            self.call.job_id,
+            self.meter.completion_tokens,
+        )
+
+    def _log_anomalies(self) -> None:
+        anomalies = self.meter.anomalies
+        if anomalies:
+            self.exchange.metrics.stream_anomalies.inc(len(anomalies))
+            log.warning(
+                "engine stream of job %s (request %s) was malformed: %s",
+                self.call.job_id,
+                self.call.key,
+                "; ".join(anomalies[:5]),
+            )
+
+
+@contextlib.asynccontextmanager
+async def _released(reply: EngineReply) -> AsyncIterator[EngineReply]:
+    try:
+        yield reply
+    finally:
+        reply.release()
+
+
+def _json_chunk(data: str) -> dict[str, Any] | None:
+    if data == DONE:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if type(value) is dict else None
+
+
+def _log_failed_write(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not commit a usage record: %s", future.exception())

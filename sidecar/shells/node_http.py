@@ -1,0 +1,226 @@
+"""The host node's HTTP routes (fabstir-llm-node), over the one metering core.
+
+``POST /v1/inference`` becomes one OpenAI request through :mod:`sidecar.exchange`: the same
+admission, metering, ledger and chain service as the OpenAI routes, so a job used over both is
+counted once. ``/v1/models`` is both APIs' route; ``/health``, ``/v1/version`` and
+``/v1/checkpoints/{session_id}`` answer as the node does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.engine import EngineClient
+from sidecar.errors import BadRequest, SidecarError, UpstreamError, to_response
+from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_error_message
+from sidecar.ledger import Ledger
+from sidecar.metering import Endpoint, InvalidJobId, parse_job_id, resolve_job_id, safejson
+from sidecar.shells.headers import receipt_headers
+from sidecar.shells.http import abort_client, read_body
+from sidecar.shells.node_protocol import (
+    JOB_FIELDS,
+    InferenceParams,
+    answer_fields,
+    check_served,
+    checkpoint_json,
+    chunk_text,
+    parse_inference,
+    to_openai,
+)
+
+log = logging.getLogger("sidecar.node")
+
+JOB_HINT = "name the job with jobId or session_id"
+
+
+class NodeHttp:
+    def __init__(
+        self,
+        exchange: Exchange,
+        engine: EngineClient,
+        ledger: Ledger,
+        *,
+        chain_id: int | None,
+        max_body_bytes: int,
+    ) -> None:
+        self.exchange = exchange
+        self.engine = engine
+        self.ledger = ledger
+        self.chain_id = chain_id
+        self.max_body_bytes = max_body_bytes
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/inference", self.inference),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/v1/version", self.version),
+            web.get("/v1/checkpoints/{session_id}", self.checkpoints),
+        ]
+
+    async def check(self, params: InferenceParams, job_id: int | None) -> None:
+        """What needs state: the job requirement, this host's chain, the engine's models."""
+        self.exchange.check_job_named(job_id, JOB_HINT)
+        models = await self.engine.models() if params.model is not None else ()
+        check_served(params, chain_id=self.chain_id, models=models)
+
+    # -- POST /v1/inference ----------------------------------------------------------------
+
+    async def inference(self, request: web.Request) -> web.StreamResponse:
+        try:
+            obj = await self._read_json(request)
+            params = parse_inference(obj)
+            try:
+                job_id = resolve_job_id((f"body field {k!r}", obj.get(k)) for k in JOB_FIELDS)
+            except InvalidJobId as exc:
+                raise BadRequest(str(exc), code="invalid_job_id", param="job_id") from None
+            await self.check(params, job_id)
+            endpoint, body = to_openai(params)
+            if not params.stream:
+                return await self._answer(params, endpoint, body, job_id)
+            stream = await self.exchange.call_stream(endpoint, body, job_id)
+        except SidecarError as exc:
+            return to_response(exc)
+        return await self._stream(request, stream)
+
+    async def _read_json(self, request: web.Request) -> dict[str, Any]:
+        raw = await read_body(request, self.max_body_bytes)
+        try:
+            obj = safejson.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"request body is not valid JSON ({type(exc).__name__})") from None
+        if type(obj) is not dict:
+            raise BadRequest("request body must be a JSON object")
+        return obj
+
+    async def call(
+        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+    ) -> tuple[MeteredAnswer, dict[str, Any]]:
+        """One metered non-stream call, and the engine's JSON answer; an engine that answered
+        with an error (or not with a JSON object) is an :class:`UpstreamError`."""
+        answer = await self.exchange.call_json(endpoint, body, job_id)
+        try:
+            reply = json.loads(answer.body)
+        except ValueError:
+            reply = None
+        if answer.status >= 300 or type(reply) is not dict:
+            status = answer.status if 400 <= answer.status < 600 else 502
+            raise UpstreamError(engine_error_message(answer.status, answer.body), status=status)
+        return answer, reply
+
+    async def _answer(
+        self, params: InferenceParams, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+    ) -> web.Response:
+        answer, reply = await self.call(endpoint, body, job_id)
+        out: dict[str, Any] = {
+            "model": params.model or reply.get("model"),
+            **answer_fields(reply, answer.usage, params.request_id or answer.key),
+        }
+        if params.chain_id is not None or self.chain_id is not None:
+            out["chain_id"] = params.chain_id or self.chain_id
+        return web.json_response(out, headers=receipt_headers(answer.key, answer.max_tokens))
+
+    async def _stream(self, request: web.Request, stream: MeteredStream) -> web.StreamResponse:
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        headers.update(receipt_headers(stream.key, stream.max_tokens))
+        response = web.StreamResponse(headers=headers)
+        finish = "stop"
+        try:
+            await response.prepare(request)
+            async with contextlib.aclosing(stream.events()) as events:
+                async for chunk in events:
+                    text, reason = chunk_text(chunk)
+                    finish = reason or finish
+                    if text:
+                        event = {"content": text, "tokens": 1, "finish_reason": None}
+                        await response.write(_sse(event))
+            # The record is committed when the iteration ends: only then the last event.
+            await response.write(_sse({"content": "", "tokens": 0, "finish_reason": finish}))
+            await response.write_eof()
+        except (SidecarError, ConnectionError) as exc:
+            # The engine broke off or the ledger refused the record (the client must not see a
+            # clean end), or the client left (the stream recorded what it got).
+            log.info("node API stream of request %s ended early: %s", stream.key, exc)
+            abort_client(request)
+        finally:
+            await stream.aclose()  # records a stream that never started, releases the engine
+        return response
+
+    # -- GET routes -------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        """The engine's OpenAI list, with the node API's ``models`` (and ``chain_id``) added.
+
+        One body serves both kinds of client: OpenAI SDKs read ``data`` and ignore the rest;
+        marketplace clients read ``models``."""
+        try:
+            upstream = await self.engine.request("GET", request.path_qs)
+            async with upstream:
+                raw = await upstream.read()
+        except UpstreamError as exc:
+            return to_response(exc)
+        try:
+            body = json.loads(raw) if upstream.status == 200 else None
+        except ValueError:
+            body = None
+        if type(body) is not dict or type(body.get("data")) is not list:
+            return web.Response(
+                status=upstream.status, body=raw, content_type=upstream.content_type
+            )
+        body["models"] = [
+            {"id": m["id"], "name": m["id"]}
+            for m in body["data"]
+            if type(m) is dict and type(m.get("id")) is str
+        ]
+        if self.chain_id is not None:
+            body["chain_id"] = self.chain_id
+        return web.json_response(body)
+
+    async def health(self, request: web.Request) -> web.Response:
+        engine = await self.engine.health()
+        body = {
+            "status": "healthy" if engine.healthy else "degraded",
+            "version": __version__,
+            "engine": {"url": self.engine.base_url, "models": list(engine.models)},
+            "chain": self.chain_id is not None and self.exchange.chain is not None,
+        }
+        return web.json_response(body, status=200 if engine.healthy else 503)
+
+    async def version(self, request: web.Request) -> web.Response:
+        chains = [self.chain_id] if self.chain_id is not None else []
+        features = ["inference", "streaming", "websocket-sessions", "checkpoints", "metering"]
+        return web.json_response(
+            {
+                "version": __version__,
+                "implementation": "sidecar",
+                "features": features,
+                "chains": chains,
+            }
+        )
+
+    async def checkpoints(self, request: web.Request) -> web.Response:
+        raw = request.match_info["session_id"]
+        try:
+            job_id = parse_job_id(raw, where="session id")
+        except InvalidJobId as exc:
+            return to_response(BadRequest(str(exc), code="invalid_job_id", param="session_id"))
+        claims = await self.ledger.claims(job_id)
+        totals = await self.ledger.job(job_id)
+        return web.json_response(
+            {
+                "session_id": raw,
+                "job_id": str(job_id),
+                "tokens_metered": 0 if totals is None else totals.billable_tokens,
+                "checkpoints": [checkpoint_json(c) for c in claims],
+            }
+        )
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\n\n"

@@ -1,0 +1,226 @@
+"""The host node's messages (fabstir-llm-node), parsed and built: pure, no I/O.
+
+Marketplace clients speak this API to a host: ``POST /v1/inference`` (``node_http``) and a
+session protocol over the WebSocket ``/v1/ws`` (``node_ws``). This module checks what they send
+(:func:`parse_inference`, :func:`job_of`), turns a prompt into the OpenAI request the engine
+answers (:func:`to_openai`), and builds the replies (:func:`chunk_text`, :func:`usage_json`,
+:func:`checkpoint_json`), so both shells share one reading of the protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.errors import BadRequest
+from sidecar.ledger import Claim, ClaimKind
+from sidecar.metering import Endpoint, Usage
+from sidecar.metering.jobs import InvalidJobId, parse_job_id, resolve_job_id
+
+DEFAULT_TEMPERATURE = 0.7
+# The body fields (and WebSocket message fields) that may name the job.
+JOB_FIELDS = ("job_id", "jobId", "session_id", "sessionId")
+
+# -- the request, parsed and checked -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceParams:
+    prompt: str
+    max_tokens: int
+    temperature: float
+    stream: bool
+    model: str | None = None
+    request_id: str | None = None
+    chain_id: int | None = None
+    context: tuple[tuple[str, str], ...] = ()  # (role, content) of earlier turns
+
+
+def parse_inference(obj: object, *, default_stream: bool = False) -> InferenceParams:
+    """Check a node-API inference request (``/v1/inference`` body, or a WS ``request``)."""
+    if type(obj) is not dict:
+        raise BadRequest("the request must be a JSON object", param="request")
+    prompt = obj.get("prompt")
+    if type(prompt) is not str or not prompt:
+        raise BadRequest("prompt is required: a non-empty string", param="prompt")
+    max_tokens = obj.get("max_tokens")
+    if type(max_tokens) is not int or max_tokens <= 0:
+        raise BadRequest(
+            f"max_tokens must be an integer above 0, got {show(max_tokens)}", param="max_tokens"
+        )
+    temperature = obj.get("temperature", DEFAULT_TEMPERATURE)
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURE
+    if type(temperature) not in (int, float) or not 0 <= temperature <= 2:
+        raise BadRequest(
+            f"temperature must be a number from 0 to 2, got {show(temperature)}",
+            param="temperature",
+        )
+    stream = obj.get("stream", default_stream)
+    if type(stream) is not bool:
+        raise BadRequest(f"stream must be true or false, got {show(stream)}", param="stream")
+    model = obj.get("model")
+    if model is not None and (type(model) is not str or not model):
+        raise BadRequest(f"model must be a model name, got {show(model)}", param="model")
+    request_id = obj.get("request_id")
+    if request_id is not None and type(request_id) not in (str, int):
+        raise BadRequest("request_id must be a string", param="request_id")
+    return InferenceParams(
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        stream=stream,
+        model=model,
+        request_id=None if request_id is None else str(request_id),
+        chain_id=chain_id_of(obj),
+        context=_context(obj.get("conversation_context")),
+    )
+
+
+def chain_id_of(obj: dict[str, Any]) -> int | None:
+    value = obj.get("chain_id", obj.get("chainId"))
+    if value is None:
+        return None
+    if type(value) is str and value.isascii() and value.isdigit():
+        return int(value)
+    if type(value) is not int or value < 0:
+        raise BadRequest(f"chain_id must be an integer, got {show(value)}", param="chain_id")
+    return value
+
+
+def _context(value: object) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if type(value) is not list:
+        raise BadRequest("conversation_context must be a list", param="conversation_context")
+    turns = []
+    for item in value:
+        if type(item) is str:
+            turns.append(("user", item))
+        elif (
+            type(item) is dict
+            and type(item.get("role")) is str
+            and type(item.get("content")) is str
+        ):
+            turns.append((item["role"], item["content"]))
+        else:
+            raise BadRequest(
+                "conversation_context items must be {role, content} objects",
+                param="conversation_context",
+            )
+    return tuple(turns)
+
+
+def check_served(params: InferenceParams, *, chain_id: int | None, models: tuple[str, ...]) -> None:
+    """What this host serves: its chain (``chain_id``, when it has one) and the engine's
+    ``models`` (empty: the engine cannot say, so any name goes)."""
+    if params.chain_id is not None and chain_id is not None and params.chain_id != chain_id:
+        raise BadRequest(
+            f"chain_id {params.chain_id} is not this host's chain ({chain_id})",
+            param="chain_id",
+            code="wrong_chain",
+        )
+    if params.model is not None and models and params.model not in models:
+        raise BadRequest(
+            f"model {show(params.model)} is not served here; models: {', '.join(models)}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def to_openai(params: InferenceParams) -> tuple[Endpoint, dict[str, Any]]:
+    """The OpenAI request for a node-API inference: a completion, or a chat with context."""
+    body: dict[str, Any] = {"max_tokens": params.max_tokens, "temperature": params.temperature}
+    if params.model is not None:
+        body["model"] = params.model
+    if not params.context:
+        return Endpoint.COMPLETIONS, {**body, "prompt": params.prompt}
+    messages = [{"role": role, "content": content} for role, content in params.context]
+    messages.append({"role": "user", "content": params.prompt})
+    return Endpoint.CHAT, {**body, "messages": messages}
+
+
+def chunk_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
+    """The text and finish reason of one OpenAI stream chunk (completion or chat)."""
+    choices = chunk.get("choices")
+    if type(choices) is not list or not choices or type(choices[0]) is not dict:
+        return "", None
+    choice = choices[0]
+    text = choice.get("text")
+    if text is None and type(choice.get("delta")) is dict:
+        text = choice["delta"].get("content")
+    if text is None and type(choice.get("message")) is dict:
+        text = choice["message"].get("content")
+    reason = choice.get("finish_reason")
+    return (text if type(text) is str else ""), (reason if type(reason) is str else None)
+
+
+def job_of(named: list[tuple[str, object]], lenient: list[tuple[str, object]]) -> int | None:
+    """The one job named by ``named`` (strict) and by ``lenient`` fields that look like ids.
+
+    On the WebSocket a ``session_id`` may be an opaque label ("sess-1") as well as a job id
+    ("164n"): it names the job only when it parses as one."""
+    pairs = list(named)
+    for where, value in lenient:
+        with contextlib.suppress(InvalidJobId):
+            parse_job_id(value, where=where)
+            pairs.append((where, value))
+    return resolve_job_id(pairs)
+
+
+def answer_fields(reply: dict[str, Any], usage: Usage, request_id: str) -> dict[str, Any]:
+    """What a node answer to one prompt says, over HTTP and on the socket alike."""
+    content, reason = chunk_text(reply)
+    return {
+        "content": content,
+        "tokens_used": usage.completion_tokens,
+        "finish_reason": reason or "stop",
+        "request_id": request_id,
+        "usage": usage_json(usage.prompt_tokens, usage.completion_tokens),
+    }
+
+
+def show(value: object) -> str:
+    text = json.dumps(value) if type(value) in (int, float, str, bool, type(None)) else "an object"
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def usage_json(prompt_tokens: int | None, completion_tokens: int) -> dict[str, int]:
+    prompt = prompt_tokens or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+
+
+def close_code(status: int) -> int:
+    """The WebSocket close code for a refused job."""
+    # 1008 (policy violation) for a job this host must not serve; 1011 when the chain is down.
+    return 1011 if status >= 500 else 1008
+
+
+def checkpoint_json(claim: Claim) -> dict[str, Any]:
+    """One outbox row as ``/v1/checkpoints/{id}`` lists it."""
+    # Imported here: the proof format needs eth_account, which a host without a chain (no
+    # outbox rows) never loads.
+    from sidecar.chain.proofs import ClaimProof
+
+    proof_hash = None
+    if claim.kind is ClaimKind.PROOF and claim.payload:
+        with contextlib.suppress(ValueError):
+            proof_hash = "0x" + ClaimProof.from_payload(claim.payload).proof_hash.hex()
+    return {
+        "index": claim.seq,
+        "kind": claim.kind.value,
+        "tokens": claim.tokens,
+        "token_range": [claim.first_token, claim.end_token],
+        "proof_hash": proof_hash,
+        "tx_hash": claim.tx_hash,
+        "state": claim.state.value,
+        "error": claim.error,
+        "created_ms": claim.created_ms,
+        "timestamp": claim.updated_ms,
+    }

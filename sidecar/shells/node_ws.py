@@ -1,0 +1,345 @@
+"""The host node's WebSocket session (``/v1/ws``), over the one metering core.
+
+Every prompt becomes one metered OpenAI request through :mod:`sidecar.exchange`. Nothing here
+keeps a token count: the ledger keys every record by job, so a session's tokens accumulate
+across its prompts and reconnects, and only settlement ends them. A socket that ends
+(``session_end``, a close, a dropped connection) asks the chain service to settle its job once
+no other socket of that job is open; HTTP-only sessions settle by ``--settle-after-idle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from sidecar.errors import BadRequest, JobRefused, SidecarError
+from sidecar.exchange import Exchange, MeteredStream
+from sidecar.ledger import Ledger
+from sidecar.metering import Endpoint, InvalidJobId, safejson
+from sidecar.shells.node_http import NodeHttp
+from sidecar.shells.node_protocol import (
+    InferenceParams,
+    answer_fields,
+    chain_id_of,
+    chunk_text,
+    close_code,
+    job_of,
+    parse_inference,
+    show,
+    to_openai,
+    usage_json,
+)
+
+log = logging.getLogger("sidecar.node")
+
+WS_HEARTBEAT = 30.0  # seconds: pings find half-open connections (a client that vanished)
+
+
+class Settlement(Protocol):
+    """What a session's end needs of the chain service."""
+
+    async def request_settlement(self, job_id: int) -> None: ...
+
+
+@dataclass
+class _Generation:
+    stream: MeteredStream | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+@dataclass
+class _Socket:
+    ws: web.WebSocketResponse
+    session_id: str | None = None
+    job_id: int | None = None
+    chain_id: int | None = None
+    generation: _Generation = field(default_factory=_Generation)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(json.dumps(message))
+
+    async def error(self, code: str, message: str) -> None:
+        await self.send({"type": "error", "code": code, "message": message})
+
+
+class NodeWebSocket:
+    def __init__(
+        self,
+        exchange: Exchange,
+        http: NodeHttp,
+        ledger: Ledger,
+        settlement: Settlement | None,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self.exchange = exchange
+        self.http = http  # for the checks the HTTP routes make too
+        self.ledger = ledger
+        self.settlement = settlement
+        self.max_message_bytes = max_message_bytes
+        self._sockets_per_job: dict[int, int] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/ws", self.websocket)]
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=self.max_message_bytes)
+        await ws.prepare(request)
+        sock = _Socket(ws)
+        try:
+            async for msg in ws:
+                if not await self._on_frame(sock, msg):
+                    break
+        finally:
+            await self._end(sock)
+        return ws
+
+    async def _on_frame(self, sock: _Socket, msg: aiohttp.WSMessage) -> bool:
+        """Handle one frame; False ends the session."""
+        if msg.type is WSMsgType.BINARY:
+            await sock.error("binary_not_supported", "send messages as JSON text frames")
+            return True
+        if msg.type is WSMsgType.ERROR:
+            # aiohttp closes the socket itself (1009 for a message over --max-body-bytes).
+            log.info("websocket of job %s failed: %s", sock.job_id, sock.ws.exception())
+            return False
+        if msg.type is not WSMsgType.TEXT:
+            return msg.type is not WSMsgType.CLOSE
+        try:
+            obj = safejson.loads(msg.data)
+        except (ValueError, RecursionError):
+            await sock.error("invalid_json", "the message is not valid JSON")
+            return True
+        if type(obj) is not dict or type(obj.get("type")) is not str:
+            await sock.error("invalid_message", 'a message is a JSON object with a "type"')
+            return True
+        try:
+            return await self._on_message(sock, obj)
+        except InvalidJobId as exc:
+            await sock.error("invalid_job_id", str(exc))
+        except SidecarError as exc:
+            await sock.send(exc.socket_message())
+        return True
+
+    async def _on_message(self, sock: _Socket, obj: dict[str, Any]) -> bool:
+        kind = obj["type"]
+        if kind == "session_init":
+            return await self._session_init(sock, obj)
+        if kind in ("prompt", "inference"):
+            await self._prompt(sock, obj)
+        elif kind == "stream_cancel":
+            await self._cancel(sock, str(obj.get("reason") or "cancelled by the client"))
+        elif kind == "session_end":
+            await self._cancel(sock, "session ended")
+            await sock.send({"type": "session_ended", "session_id": sock.session_id})
+            return False
+        elif kind == "encrypted_session_init":
+            await sock.error(
+                "encryption_not_supported",
+                "encrypted sessions are not supported by this host; use session_init",
+            )
+        elif kind == "ping":
+            await sock.send({"type": "pong"})
+        else:
+            await sock.error("unknown_message_type", f"unknown message type {show(kind)}")
+        return True
+
+    async def _session_init(self, sock: _Socket, obj: dict[str, Any]) -> bool:
+        session_id = obj.get("session_id", obj.get("sessionId"))
+        job_id = job_of(
+            [("jobId", obj.get("jobId")), ("job_id", obj.get("job_id"))],
+            [("session_id", session_id)],
+        )
+        if sock.job_id is not None and job_id is not None and job_id != sock.job_id:
+            raise BadRequest(
+                f"this socket serves job {sock.job_id}, not {job_id}", code="job_mismatch"
+            )
+        chain_id = chain_id_of(obj)
+        await self.http.check(InferenceParams("-", 1, 0.0, False, chain_id=chain_id), job_id)
+        if job_id is not None:
+            try:
+                await self.exchange.admit_job(job_id)
+            except JobRefused as exc:
+                await sock.send(exc.socket_message())
+                await sock.ws.close(code=close_code(exc.status), message=exc.code.encode())
+                return False
+        sock.session_id = None if session_id is None else str(session_id)
+        sock.chain_id = chain_id
+        self._attach(sock, job_id)
+        ack: dict[str, Any] = {
+            "type": "session_init_ack",
+            "session_id": sock.session_id,
+            "job_id": None if job_id is None else str(job_id),
+            "chain_id": chain_id,
+            "status": "success",
+        }
+        if job_id is not None:
+            ack["tokens_used"] = await self._job_tokens(job_id)
+        await sock.send(ack)
+        return True
+
+    def _attach(self, sock: _Socket, job_id: int | None) -> None:
+        if job_id is not None and sock.job_id is None:
+            sock.job_id = job_id
+            self._sockets_per_job[job_id] = self._sockets_per_job.get(job_id, 0) + 1
+
+    async def _job_tokens(self, job_id: int) -> int:
+        totals = await self.ledger.job(job_id)
+        return 0 if totals is None else totals.billable_tokens
+
+    async def _prompt(self, sock: _Socket, obj: dict[str, Any]) -> None:
+        request = obj.get("request")
+        if request is None:
+            request = {k: v for k, v in obj.items() if k != "type"}
+        elif type(request) is dict and "prompt" not in request and "prompt" in obj:
+            request = {**request, "prompt": obj["prompt"]}
+        params = parse_inference(request, default_stream=True)
+        fields = request if type(request) is dict else {}
+        job_id = job_of(
+            [
+                ("socket's job", sock.job_id),
+                ("jobId", obj.get("jobId")),
+                ("job_id", obj.get("job_id")),
+                ("request.jobId", fields.get("jobId")),
+                ("request.job_id", fields.get("job_id")),
+            ],
+            [
+                ("session_id", obj.get("session_id")),
+                ("request.session_id", fields.get("session_id")),
+            ],
+        )
+        await self.http.check(params, job_id)
+        if sock.generation.running:
+            raise BadRequest(
+                "a generation is running on this socket: wait for its end or send stream_cancel",
+                code="generation_in_progress",
+            )
+        self._attach(sock, job_id)
+        generation = _Generation()
+        generation.task = asyncio.create_task(self._generate(sock, generation, params, job_id))
+        sock.generation = generation
+
+    async def _generate(
+        self, sock: _Socket, generation: _Generation, params: InferenceParams, job_id: int | None
+    ) -> None:
+        endpoint, body = to_openai(params)
+        try:
+            if not params.stream:
+                await self._respond(sock, params, endpoint, body, job_id)
+                return
+            generation.stream = await self.exchange.call_stream(endpoint, body, job_id)
+            await self._relay_stream(sock, generation.stream, job_id)
+        except SidecarError as exc:
+            await sock.send(exc.socket_message())
+        except ConnectionError:
+            pass  # the socket is gone; _end records and settles
+
+    async def _respond(
+        self,
+        sock: _Socket,
+        params: InferenceParams,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        job_id: int | None,
+    ) -> None:
+        answer, reply = await self.http.call(endpoint, body, job_id)
+        message: dict[str, Any] = {
+            "type": "response",
+            **answer_fields(reply, answer.usage, params.request_id or answer.key),
+        }
+        if job_id is not None:
+            message["session_tokens"] = await self._job_tokens(job_id)
+        await sock.send(message)
+
+    async def _relay_stream(self, sock: _Socket, stream: MeteredStream, job_id: int | None) -> None:
+        finish = "stop"
+        async with contextlib.aclosing(stream.events()) as events:
+            async for chunk in events:
+                text, reason = chunk_text(chunk)
+                finish = reason or finish
+                if text:
+                    await sock.send({"type": "stream_chunk", "content": text, "tokens": 1})
+        # The iteration ended: the record is committed; its count is the one billed.
+        await self._stream_end(sock, stream, job_id, finish)
+
+    async def _stream_end(
+        self, sock: _Socket, stream: MeteredStream, job_id: int | None, finish: str
+    ) -> None:
+        usage = stream.usage
+        message: dict[str, Any] = {
+            "type": "stream_end",
+            "tokens_used": usage.completion_tokens,
+            "usage": usage_json(usage.prompt_tokens, usage.completion_tokens),
+            "finish_reason": finish,
+            "request_id": stream.key,
+        }
+        if job_id is not None:
+            message["session_tokens"] = await self._job_tokens(job_id)
+        await sock.send(message)
+
+    async def _stop_generation(self, sock: _Socket) -> bool:
+        """Cancel the running generation (its stream closes the engine request and records
+        the tokens so far); False if none was running."""
+        task = sock.generation.task
+        if task is None or task.done():
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
+
+    async def _cancel(self, sock: _Socket, reason: str) -> None:
+        """Stop the running generation and say so with a ``stream_end``."""
+        if not await self._stop_generation(sock):
+            return
+        stream = sock.generation.stream
+        if stream is not None and not sock.ws.closed:
+            log.info("generation on job %s cancelled: %s", sock.job_id, reason)
+            with contextlib.suppress(ConnectionError):
+                await self._stream_end(sock, stream, None, "cancelled")
+
+    async def _end(self, sock: _Socket) -> None:
+        """The session is over (session_end, close, dropped connection): settle its job once
+        no other socket of the job is open."""
+        with contextlib.suppress(Exception):
+            await self._stop_generation(sock)
+        if not sock.ws.closed:
+            with contextlib.suppress(Exception):
+                await sock.ws.close()
+        job_id = sock.job_id
+        if job_id is None:
+            return
+        left = self._sockets_per_job.get(job_id, 1) - 1
+        if left > 0:
+            self._sockets_per_job[job_id] = left
+            return
+        self._sockets_per_job.pop(job_id, None)
+        if self.settlement is not None:
+            # Its own task: this handler may be cancelled (the client dropped the connection).
+            task = asyncio.create_task(
+                self._settle(self.settlement, job_id), name=f"sidecar-settle-{job_id}"
+            )
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, settlement: Settlement, job_id: int) -> None:
+        try:
+            await settlement.request_settlement(job_id)
+            log.info("session of job %s ended: final claim and settlement requested", job_id)
+        except JobRefused as exc:
+            log.warning("session of job %s ended but cannot settle: %s", job_id, exc)
+        except Exception:
+            log.exception("session of job %s ended; requesting its settlement failed", job_id)

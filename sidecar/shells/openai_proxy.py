@@ -1,0 +1,155 @@
+"""The OpenAI routes: a reverse proxy that relays every request to the engine and meters answers.
+
+``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` are metered through
+:mod:`sidecar.exchange`; every other path is relayed as is. Invariants:
+
+* bytes are relayed as they arrive (never buffered), except a non-stream JSON answer of a metered
+  route, which is read whole so its ``usage`` can be recorded before the client gets it;
+* a response's usage record is committed before its last byte (``[DONE]`` or the end of the JSON
+  body) is sent; a running stream persists its progress every 64 tokens or every second;
+* when the client goes away, the engine request is closed (so the engine stops generating) and
+  the tokens relayed until then are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+
+from sidecar.engine import EngineClient, EngineResponse
+from sidecar.errors import BadRequest, RequestTooLarge, SidecarError, UpstreamBroke, to_response
+from sidecar.exchange import METERED_ROUTES, Call, Exchange
+from sidecar.metering import Endpoint, InvalidJobId, InvalidRequestBody, prepare_request
+from sidecar.metering.requests import PreparedRequest
+from sidecar.shells.headers import (
+    JOB_HEADERS,
+    METERED_REQUEST_DROP,
+    REQUEST_DROP,
+    RESPONSE_DROP,
+    forwardable_headers,
+    receipt_headers,
+)
+from sidecar.shells.http import abort_client, read_body
+
+log = logging.getLogger("sidecar.proxy")
+
+JOB_HINT = "name the job with job_id or session_id in the body, or an X-Job-Id header"
+
+
+class OpenAIProxy:
+    def __init__(self, exchange: Exchange, engine: EngineClient, max_body_bytes: int) -> None:
+        self.exchange = exchange
+        self.engine = engine
+        self.max_body_bytes = max_body_bytes
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Every route the sidecar does not answer itself."""
+        try:
+            body = await read_body(request, self.max_body_bytes)
+            endpoint = METERED_ROUTES.get(request.path) if request.method == "POST" else None
+            if endpoint is None:
+                return await self._relay(request, body)
+            return await self._metered(request, endpoint, body)
+        except (BadRequest, RequestTooLarge) as exc:
+            self.exchange.metrics.rejected.labels(exc.code).inc()
+            return to_response(exc)
+        except SidecarError as exc:  # refused jobs (counted by the exchange), engine, ledger
+            return to_response(exc)
+
+    # -- plain relay (unmetered routes) ----------------------------------------------------
+
+    async def _relay(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        headers = forwardable_headers(request.headers, REQUEST_DROP)
+        upstream = await self.engine.request(request.method, request.raw_path, body, headers)
+        async with upstream:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=forwardable_headers(upstream.headers),
+            )
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.chunks():
+                    await response.write(chunk)
+            except UpstreamBroke as exc:
+                self.exchange.metrics.upstream_errors.labels("broken_response").inc()
+                log.warning("engine response broke during relay of %s: %s", request.path, exc)
+                abort_client(request)
+                return response
+            await response.write_eof()
+            return response
+
+    # -- metered routes --------------------------------------------------------------------
+
+    def _prepare(self, endpoint: Endpoint, body: bytes, request: web.Request) -> PreparedRequest:
+        header_jobs = [(name, v) for name in JOB_HEADERS for v in request.headers.getall(name, ())]
+        inject = self.exchange.inject_include_usage
+        try:
+            return prepare_request(endpoint, body, header_jobs, inject_include_usage=inject)
+        except InvalidJobId as exc:
+            raise BadRequest(str(exc), code="invalid_job_id", param="job_id") from None
+        except InvalidRequestBody as exc:
+            raise BadRequest(str(exc), code="invalid_request_body") from None
+
+    async def _metered(
+        self, request: web.Request, endpoint: Endpoint, body: bytes
+    ) -> web.StreamResponse:
+        exchange = self.exchange
+        prepared = self._prepare(endpoint, body, request)
+        exchange.check_job_named(prepared.job_id, JOB_HINT)
+        admission = await exchange.admit(endpoint, prepared.job_id, prepared.body)
+        call = exchange.start(endpoint, prepared.job_id, prepared.model, admission)
+        sent_at = time.perf_counter()
+        headers = forwardable_headers(request.headers, METERED_REQUEST_DROP)
+        upstream = await self.engine.request(
+            request.method, request.raw_path, admission.body, headers
+        )
+        exchange.metrics.observe_upstream(endpoint.value, time.perf_counter() - sent_at)
+        async with upstream:
+            if upstream.is_event_stream:
+                return await self._stream(request, upstream, call, prepared)
+            return await self._answer(upstream, call)
+
+    async def _answer(self, upstream: EngineResponse, call: Call) -> web.Response:
+        answer = await self.exchange.answer(call, upstream)
+        headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
+        headers.update(receipt_headers(call.key, call.max_tokens))
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, body=answer.body, headers=headers
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: EngineResponse,
+        call: Call,
+        prepared: PreparedRequest,
+    ) -> web.StreamResponse:
+        stream = self.exchange.stream(call, upstream, strip_usage_chunk=prepared.strip_usage_chunk)
+        headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
+        headers.update(receipt_headers(call.key, call.max_tokens))
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        try:
+            await response.prepare(request)
+            async with contextlib.aclosing(stream.chunks()) as chunks:
+                async for out in chunks:
+                    await response.write(out)
+            await response.write_eof()
+        except (SidecarError, ConnectionError):
+            # The engine broke off, or the ledger refused the final record: the client sees a
+            # broken response, never a clean end. A client that left is recorded by the stream.
+            abort_client(request)
+        except asyncio.CancelledError:
+            raise  # the client left: the stream closed the engine request and recorded it
+        except Exception:
+            abort_client(request)
+            raise
+        finally:
+            await stream.aclose()  # records a stream that never started (client gone at once)
+        return response
