@@ -70,22 +70,19 @@ class EngineResponse:
             "text/event-stream"
         )
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (never re-chunked)."""
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except _BREAKS as exc:
-            raise self._broke(exc) from exc
+        return _Chunks(self._response.content.iter_any(), self)
 
     async def read(self) -> bytes:
         """The whole body."""
         try:
             return await self._response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._broke(exc) from exc
+            raise self.broke(exc) from exc
 
-    def _broke(self, exc: BaseException) -> UpstreamBroke:
+    def broke(self, exc: BaseException) -> UpstreamBroke:
+        """The error for this answer breaking off with ``exc``."""
         return UpstreamBroke(
             f"the engine at {self._origin} broke off its response ({_describe(exc)})"
         )
@@ -106,6 +103,26 @@ class EngineResponse:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+
+class _Chunks:
+    """An answer's chunks with breaks mapped to UpstreamBroke. An iterator object rather than an
+    async generator: every open stream holds one, and this one is a few dozen bytes."""
+
+    __slots__ = ("_inner", "_response")
+
+    def __init__(self, inner: AsyncIterator[bytes], response: EngineResponse) -> None:
+        self._inner = inner
+        self._response = response
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._inner.__anext__()
+        except _BREAKS as exc:
+            raise self._response.broke(exc) from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -381,6 +381,8 @@ class MeteredStream:
       request is closed and an ABORTED record written without waiting.
     """
 
+    __slots__ = ("_released", "call", "committed", "exchange", "meter", "reply")
+
     def __init__(
         self, exchange: Exchange, call: Call, reply: EngineReply, meter: StreamMeter
     ) -> None:

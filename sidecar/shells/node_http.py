@@ -21,10 +21,10 @@ from sidecar.errors import BadRequest, SidecarError, UpstreamError, to_response
 from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_error_message
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, parse_job_id, resolve_job_id, safejson
+from sidecar.metering.jobs import JOB_BODY_FIELDS
 from sidecar.shells.headers import receipt_headers
 from sidecar.shells.http import abort_client, read_body
 from sidecar.shells.node_protocol import (
-    JOB_FIELDS,
     InferenceParams,
     answer_fields,
     check_served,
@@ -77,7 +77,7 @@ class NodeHttp:
             obj = await self._read_json(request)
             params = parse_inference(obj)
             try:
-                job_id = resolve_job_id((f"body field {k!r}", obj.get(k)) for k in JOB_FIELDS)
+                job_id = resolve_job_id((f"body field {k!r}", obj.get(k)) for k in JOB_BODY_FIELDS)
             except InvalidJobId as exc:
                 raise BadRequest(str(exc), code="invalid_job_id", param="job_id") from None
             await self.check(params, job_id)

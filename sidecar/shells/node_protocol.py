@@ -20,8 +20,6 @@ from sidecar.metering import Endpoint, Usage
 from sidecar.metering.jobs import InvalidJobId, parse_job_id, resolve_job_id
 
 DEFAULT_TEMPERATURE = 0.7
-# The body fields (and WebSocket message fields) that may name the job.
-JOB_FIELDS = ("job_id", "jobId", "session_id", "sessionId")
 
 # -- the request, parsed and checked -----------------------------------------------------
 
