@@ -19,6 +19,7 @@ from sidecar.config import Settings
 from sidecar.engine import EngineClient
 from sidecar.exchange import Exchange
 from sidecar.ledger import Ledger, open_ledger
+from sidecar.malloc import tune_for_relaying
 from sidecar.metrics import Metrics
 from sidecar.shells.admin import Admin
 from sidecar.shells.node_http import NodeHttp
@@ -103,6 +104,7 @@ def make_runner(app: web.Application) -> web.AppRunner:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then stop gracefully."""
+    tune_for_relaying()  # before the first socket read: see sidecar/malloc.py
     app = build_app(settings)
     runner = make_runner(app)
     await runner.setup()
