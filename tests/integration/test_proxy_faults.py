@@ -316,3 +316,26 @@ async def test_nothing_is_served_unrecorded_when_the_ledger_fails(
         async with client.get(sidecar.url + "/sidecar/health") as resp:
             assert resp.status == 200
     assert await sidecar.ledger.records(1) == []
+
+
+async def test_both_health_routes_mean_the_same_by_healthy(
+    sidecar_factory, faulty_upstream
+) -> None:
+    """/sidecar/health and the node API's /health make one probe of the engine: healthy is a 200
+    with a model list. An engine that answers /v1/models with a 404 is reachable, not healthy."""
+    sidecar = await sidecar_factory(faulty_upstream.url)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(sidecar.url + "/sidecar/health") as resp:
+            admin = await resp.json()
+        async with client.get(sidecar.url + "/health") as resp:
+            node_status, node = resp.status, await resp.json()
+        assert admin["status"] == "ok" and admin["upstream"]["models"] == ["fake"]
+        assert node_status == 200 and node["status"] == "healthy"
+        faulty_upstream.models_status = 404
+        async with client.get(sidecar.url + "/sidecar/health") as resp:
+            admin = await resp.json()
+        async with client.get(sidecar.url + "/health") as resp:
+            node_status, node = resp.status, await resp.json()
+    assert admin["status"] == "degraded"
+    assert admin["upstream"]["reachable"] is True and admin["upstream"]["status"] == 404
+    assert node_status == 503 and node["status"] == "degraded"

@@ -48,6 +48,7 @@ class FaultyUpstream:
     cancelled_streams: int = 0
     finished_streams: int = 0
     requests: list[dict] = field(default_factory=list)
+    models_status: int = 200  # on cue: /v1/models answers this status (an error body unless 200)
     _runner: web.AppRunner | None = None
     url: str = ""
 
@@ -68,6 +69,9 @@ class FaultyUpstream:
             await self._runner.cleanup()
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.models_status != 200:
+            error = {"error": {"message": "no model list here"}}
+            return web.json_response(error, status=self.models_status)
         return web.json_response({"object": "list", "data": [{"id": "fake"}]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
