@@ -307,6 +307,8 @@ async def _ws_session(sidecar_url: str, job: int, tally: _Seen) -> None:
 
     ws_url = sidecar_url.replace("http://", "ws://") + "/v1/ws"
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url) as ws:
+        greeting = await ws.receive_json()  # the node's "connected", first on every socket
+        assert greeting["type"] == "connected", greeting
         await ws.send_json(
             {"type": "session_init", "session_id": f"demo-{job}", "jobId": f"{job}n"}
         )

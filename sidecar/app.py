@@ -22,6 +22,7 @@ from sidecar.ledger import Ledger, open_ledger
 from sidecar.malloc import tune_for_relaying
 from sidecar.metrics import Metrics
 from sidecar.shells.admin import Admin
+from sidecar.shells.crypto import HostKey
 from sidecar.shells.node_http import NodeHttp
 from sidecar.shells.node_ws import NodeWebSocket
 from sidecar.shells.openai_proxy import OpenAIProxy
@@ -55,8 +56,16 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         chain_id=settings.chain_id,
         max_body_bytes=settings.max_body_bytes,
     )
+    host_key = None
+    if settings.host_key is not None or settings.host_key_file is not None:
+        host_key = HostKey(bytes.fromhex(settings.read_host_key()[2:]))
     node_ws = NodeWebSocket(
-        exchange, node_http, ledger, chain, max_message_bytes=settings.max_body_bytes
+        exchange,
+        node_http,
+        ledger,
+        chain,
+        max_message_bytes=settings.max_body_bytes,
+        host_key=host_key,  # encrypted sessions open to this key
     )
     proxy = OpenAIProxy(exchange, engine, settings.max_body_bytes)
     admin = Admin(ledger, metrics, engine, settings.admin_token, chain)

@@ -5,6 +5,12 @@ keeps a token count: the ledger keys every record by job, so a session's tokens 
 across its prompts and reconnects, and only settlement ends them. A socket that ends
 (``session_end``, a close, a dropped connection) asks the chain service to settle its job once
 no other socket of that job is open; HTTP-only sessions settle by ``--settle-after-idle``.
+
+Plaintext and encrypted sessions share everything but the replies' form: an encrypted session
+(``encrypted_session_init``, accepted again before every prompt with a new session key) gets its
+prompts in ``encrypted_message`` boxes and its tokens as ``encrypted_chunk`` boxes, then an
+``encrypted_response`` and a plaintext ``stream_end`` (``node_e2ee`` seals and opens them).
+Every ``error`` echoes the ``id`` and ``session_id`` of the message it answers.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import aiohttp
@@ -23,6 +29,8 @@ from sidecar.errors import BadRequest, JobRefused, SidecarError
 from sidecar.exchange import Exchange, MeteredStream
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, safejson
+from sidecar.shells.crypto import HostKey
+from sidecar.shells.node_e2ee import ReplySealer, open_init, open_message
 from sidecar.shells.node_http import NodeHttp
 from sidecar.shells.node_protocol import (
     InferenceParams,
@@ -52,6 +60,7 @@ class Settlement(Protocol):
 class _Generation:
     stream: MeteredStream | None = None
     task: asyncio.Task[None] | None = None
+    echo: dict[str, Any] = field(default_factory=dict)  # the id (and session) replies carry
 
     @property
     def running(self) -> bool:
@@ -65,13 +74,52 @@ class _Socket:
     job_id: int | None = None
     chain_id: int | None = None
     generation: _Generation = field(default_factory=_Generation)
+    session_key: bytes | None = field(default=None, repr=False)  # the last encrypted init's
+    client_address: str | None = None  # who signed the last encrypted init
 
     async def send(self, message: dict[str, Any]) -> None:
         if not self.ws.closed:
             await self.ws.send_str(json.dumps(message))
 
-    async def error(self, code: str, message: str) -> None:
-        await self.send({"type": "error", "code": code, "message": message})
+    async def error(self, code: str, message: str, answering: dict[str, Any]) -> None:
+        await self.send({"type": "error", "code": code, "message": message, **answering})
+
+    def echo(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The ``id`` and ``session_id`` a reply to ``obj`` carries."""
+        out: dict[str, Any] = {}
+        if "id" in obj:
+            out["id"] = obj["id"]
+        session_id = obj.get("session_id", obj.get("sessionId", self.session_id))
+        if session_id is not None:
+            out["session_id"] = session_id
+        return out
+
+
+class _PlainReplies:
+    """A plaintext session's stream: ``stream_chunk`` per token, an empty one at the end."""
+
+    def chunk(self, text: str) -> dict[str, Any]:
+        return {"type": "stream_chunk", "content": text, "tokens": 1}
+
+    def last(self, finish_reason: str) -> list[dict[str, Any]]:
+        return [{"type": "stream_chunk", "content": "", "tokens": 0}]
+
+
+class _SealedReplies:
+    """An encrypted session's stream: ``encrypted_chunk`` boxes, the last one empty and
+    ``final``, then the ``encrypted_response`` holding the finish reason."""
+
+    def __init__(self, session_key: bytes) -> None:
+        self.sealer = ReplySealer(session_key)
+
+    def chunk(self, text: str) -> dict[str, Any]:
+        return self.sealer.chunk(text, tokens=1)
+
+    def last(self, finish_reason: str) -> list[dict[str, Any]]:
+        return [self.sealer.chunk("", tokens=0, final=True), self.sealer.response(finish_reason)]
+
+
+_Replies = _PlainReplies | _SealedReplies
 
 
 class NodeWebSocket:
@@ -83,8 +131,10 @@ class NodeWebSocket:
         settlement: Settlement | None,
         *,
         max_message_bytes: int,
+        host_key: HostKey | None = None,
     ) -> None:
         self.exchange = exchange
+        self.host_key = host_key  # without it, encrypted sessions are refused as the node does
         self.http = http  # for the checks the HTTP routes make too
         self.ledger = ledger
         self.settlement = settlement
@@ -100,6 +150,7 @@ class NodeWebSocket:
         await ws.prepare(request)
         sock = _Socket(ws)
         try:
+            await sock.send({"type": "connected", "message": "WebSocket connected successfully"})
             async for msg in ws:
                 if not await self._on_frame(sock, msg):
                     break
@@ -110,7 +161,7 @@ class NodeWebSocket:
     async def _on_frame(self, sock: _Socket, msg: aiohttp.WSMessage) -> bool:
         """Handle one frame; False ends the session."""
         if msg.type is WSMsgType.BINARY:
-            await sock.error("binary_not_supported", "send messages as JSON text frames")
+            await sock.error("binary_not_supported", "send messages as JSON text frames", {})
             return True
         if msg.type is WSMsgType.ERROR:
             # aiohttp closes the socket itself (1009 for a message over --max-body-bytes).
@@ -121,40 +172,41 @@ class NodeWebSocket:
         try:
             obj = safejson.loads(msg.data)
         except (ValueError, RecursionError):
-            await sock.error("invalid_json", "the message is not valid JSON")
+            await sock.error("invalid_json", "the message is not valid JSON", {})
             return True
         if type(obj) is not dict or type(obj.get("type")) is not str:
-            await sock.error("invalid_message", 'a message is a JSON object with a "type"')
+            await sock.error("invalid_message", 'a message is a JSON object with a "type"', {})
             return True
         try:
             return await self._on_message(sock, obj)
         except InvalidJobId as exc:
-            await sock.error("invalid_job_id", str(exc))
+            await sock.error("invalid_job_id", str(exc), sock.echo(obj))
         except SidecarError as exc:
-            await sock.send(exc.socket_message())
+            await sock.send({**exc.socket_message(), **sock.echo(obj)})
         return True
 
     async def _on_message(self, sock: _Socket, obj: dict[str, Any]) -> bool:
         kind = obj["type"]
         if kind == "session_init":
             return await self._session_init(sock, obj)
+        if kind == "encrypted_session_init":
+            return await self._encrypted_session_init(sock, obj)
         if kind in ("prompt", "inference"):
             await self._prompt(sock, obj)
+        elif kind == "encrypted_message":
+            await self._encrypted_message(sock, obj)
         elif kind == "stream_cancel":
             await self._cancel(sock, str(obj.get("reason") or "cancelled by the client"))
         elif kind == "session_end":
             await self._cancel(sock, "session ended")
             await sock.send({"type": "session_ended", "session_id": sock.session_id})
             return False
-        elif kind == "encrypted_session_init":
-            await sock.error(
-                "encryption_not_supported",
-                "encrypted sessions are not supported by this host; use session_init",
-            )
         elif kind == "ping":
-            await sock.send({"type": "pong"})
+            pass  # the SDK's heartbeat; the node answers none
         else:
-            await sock.error("unknown_message_type", f"unknown message type {show(kind)}")
+            await sock.error(
+                "unknown_message_type", f"unknown message type {show(kind)}", sock.echo(obj)
+            )
         return True
 
     async def _session_init(self, sock: _Socket, obj: dict[str, Any]) -> bool:
@@ -163,6 +215,36 @@ class NodeWebSocket:
             [("jobId", obj.get("jobId")), ("job_id", obj.get("job_id"))],
             [("session_id", session_id)],
         )
+        ack = {"message": "Session initialized successfully"}
+        return await self._open_session(sock, obj, job_id, ack)
+
+    async def _encrypted_session_init(self, sock: _Socket, obj: dict[str, Any]) -> bool:
+        """The SDK's default: the session key in a box to the host key, sent again before every
+        prompt (each time a new key, the message counter back at 0). The job is the one inside
+        the box; the outer ``job_id`` is not trusted (the node ignores it too)."""
+        if self.host_key is None:
+            raise BadRequest(
+                "encrypted sessions need the host key (--host-key-file); use session_init",
+                code="ENCRYPTION_NOT_SUPPORTED",
+            )
+        init = open_init(self.host_key, obj)
+        job_id = job_of([("the init's jobId", init.job_id)], [])
+        ack = {
+            "client_address": init.client_address,
+            "message": "Encrypted session initialized successfully",
+        }
+        if not await self._open_session(sock, obj, job_id, ack):
+            return False
+        sock.session_key = init.session_key
+        sock.client_address = init.client_address
+        return True
+
+    async def _open_session(
+        self, sock: _Socket, obj: dict[str, Any], job_id: int | None, ack_fields: dict[str, str]
+    ) -> bool:
+        """Admit the session's job and acknowledge; False when the job is refused (the socket
+        is then closed, as this host must not serve it)."""
+        session_id = obj.get("session_id", obj.get("sessionId"))
         if sock.job_id is not None and job_id is not None and job_id != sock.job_id:
             raise BadRequest(
                 f"this socket serves job {sock.job_id}, not {job_id}", code="job_mismatch"
@@ -173,7 +255,7 @@ class NodeWebSocket:
             try:
                 await self.exchange.admit_job(job_id)
             except JobRefused as exc:
-                await sock.send(exc.socket_message())
+                await sock.send({**exc.socket_message(), **sock.echo(obj)})
                 await sock.ws.close(code=close_code(exc.status), message=exc.code.encode())
                 return False
         sock.session_id = None if session_id is None else str(session_id)
@@ -181,11 +263,14 @@ class NodeWebSocket:
         self._attach(sock, job_id)
         ack: dict[str, Any] = {
             "type": "session_init_ack",
-            "session_id": sock.session_id,
-            "job_id": None if job_id is None else str(job_id),
-            "chain_id": chain_id,
             "status": "success",
+            "session_id": sock.session_id or "unknown",
+            "job_id": job_id,
+            "chain_id": chain_id,
+            **ack_fields,
         }
+        if "id" in obj:
+            ack["id"] = obj["id"]
         if job_id is not None:
             ack["tokens_used"] = await self._job_tokens(job_id)
         await sock.send(ack)
@@ -221,6 +306,35 @@ class NodeWebSocket:
                 ("request.session_id", fields.get("session_id")),
             ],
         )
+        # The node's plaintext stream messages carry the prompt's id, not the session's.
+        echo = {"id": obj["id"]} if "id" in obj else {}
+        await self._start(sock, params, job_id, echo, _PlainReplies())
+
+    async def _encrypted_message(self, sock: _Socket, obj: dict[str, Any]) -> None:
+        """A prompt in a box under the session key of the socket's last encrypted init."""
+        named = obj.get("session_id", obj.get("sessionId"))
+        if sock.session_key is None or (named is not None and str(named) != sock.session_id):
+            raise BadRequest(
+                "no encrypted session with this session_id on this socket: send "
+                "encrypted_session_init first",
+                code="SESSION_KEY_NOT_FOUND",
+            )
+        request = open_message(sock.session_key, obj)
+        params = parse_inference(request, default_stream=True)
+        if not params.stream:
+            params = replace(params, stream=True)  # the node always streams this path
+        await self._start(
+            sock, params, sock.job_id, sock.echo(obj), _SealedReplies(sock.session_key)
+        )
+
+    async def _start(
+        self,
+        sock: _Socket,
+        params: InferenceParams,
+        job_id: int | None,
+        echo: dict[str, Any],
+        replies: _Replies,
+    ) -> None:
         await self.http.check(params, job_id)
         if sock.generation.running:
             raise BadRequest(
@@ -228,22 +342,32 @@ class NodeWebSocket:
                 code="generation_in_progress",
             )
         self._attach(sock, job_id)
-        generation = _Generation()
-        generation.task = asyncio.create_task(self._generate(sock, generation, params, job_id))
+        generation = _Generation(echo=echo)
+        generation.task = asyncio.create_task(
+            self._generate(sock, generation, params, job_id, replies)
+        )
         sock.generation = generation
 
     async def _generate(
-        self, sock: _Socket, generation: _Generation, params: InferenceParams, job_id: int | None
+        self,
+        sock: _Socket,
+        generation: _Generation,
+        params: InferenceParams,
+        job_id: int | None,
+        replies: _Replies,
     ) -> None:
         endpoint, body = to_openai(params)
+        echo = generation.echo
         try:
             if not params.stream:
-                await self._respond(sock, params, endpoint, body, job_id)
+                await self._respond(sock, params, endpoint, body, job_id, echo)
                 return
             generation.stream = await self.exchange.call_stream(endpoint, body, job_id)
-            await self._relay_stream(sock, generation.stream, job_id)
+            await self._relay_stream(sock, generation.stream, job_id, echo, replies)
         except SidecarError as exc:
-            await sock.send(exc.socket_message())
+            with contextlib.suppress(ConnectionError):
+                await sock.send({**exc.socket_message(), **echo})
+                await sock.send({"type": "stream_end", "reason": "error", "tokens_used": 0, **echo})
         except ConnectionError:
             pass  # the socket is gone; _end records and settles
 
@@ -254,37 +378,56 @@ class NodeWebSocket:
         endpoint: Endpoint,
         body: dict[str, Any],
         job_id: int | None,
+        echo: dict[str, Any],
     ) -> None:
         answer, reply = await self.http.call(endpoint, body, job_id)
         message: dict[str, Any] = {
             "type": "response",
             **answer_fields(reply, answer.usage, params.request_id or answer.key),
+            **echo,
         }
         if job_id is not None:
             message["session_tokens"] = await self._job_tokens(job_id)
         await sock.send(message)
 
-    async def _relay_stream(self, sock: _Socket, stream: MeteredStream, job_id: int | None) -> None:
+    async def _relay_stream(
+        self,
+        sock: _Socket,
+        stream: MeteredStream,
+        job_id: int | None,
+        echo: dict[str, Any],
+        replies: _Replies,
+    ) -> None:
         finish = "stop"
         async with contextlib.aclosing(stream.events()) as events:
             async for chunk in events:
                 text, reason = chunk_text(chunk)
                 finish = reason or finish
                 if text:
-                    await sock.send({"type": "stream_chunk", "content": text, "tokens": 1})
+                    await sock.send({**replies.chunk(text), **echo})
         # The iteration ended: the record is committed; its count is the one billed.
-        await self._stream_end(sock, stream, job_id, finish)
+        for message in replies.last(finish):
+            await sock.send({**message, **echo})
+        await self._stream_end(sock, stream, job_id, "complete", finish, echo)
 
     async def _stream_end(
-        self, sock: _Socket, stream: MeteredStream, job_id: int | None, finish: str
+        self,
+        sock: _Socket,
+        stream: MeteredStream,
+        job_id: int | None,
+        reason: str,
+        finish: str,
+        echo: dict[str, Any],
     ) -> None:
         usage = stream.usage
         message: dict[str, Any] = {
             "type": "stream_end",
+            "reason": reason,
             "tokens_used": usage.completion_tokens,
-            "usage": usage_json(usage.prompt_tokens, usage.completion_tokens),
             "finish_reason": finish,
+            "usage": usage_json(usage.prompt_tokens, usage.completion_tokens),
             "request_id": stream.key,
+            **echo,
         }
         if job_id is not None:
             message["session_tokens"] = await self._job_tokens(job_id)
@@ -305,11 +448,16 @@ class NodeWebSocket:
         """Stop the running generation and say so with a ``stream_end``."""
         if not await self._stop_generation(sock):
             return
-        stream = sock.generation.stream
-        if stream is not None and not sock.ws.closed:
+        generation = sock.generation
+        if generation.stream is not None and not sock.ws.closed:
             log.info("generation on job %s cancelled: %s", sock.job_id, reason)
+            echo = {**generation.echo}
+            if sock.session_id is not None:
+                echo["session_id"] = sock.session_id
             with contextlib.suppress(ConnectionError):
-                await self._stream_end(sock, stream, None, "cancelled")
+                await self._stream_end(
+                    sock, generation.stream, None, "cancelled", "cancelled", echo
+                )
 
     async def _end(self, sock: _Socket) -> None:
         """The session is over (session_end, close, dropped connection): settle its job once

@@ -5,7 +5,9 @@ the same ledger as the OpenAI routes, accumulates across prompts and reconnects,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,6 +24,19 @@ async def receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
     msg = await asyncio.wait_for(ws.receive(), 30)
     assert msg.type is aiohttp.WSMsgType.TEXT, msg
     return json.loads(msg.data)
+
+
+@contextlib.asynccontextmanager
+async def node_socket(
+    http: aiohttp.ClientSession, base_url: str
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """/v1/ws, past the node's greeting (the first message on every socket)."""
+    async with http.ws_connect(base_url + "/v1/ws") as ws:
+        assert await receive(ws) == {
+            "type": "connected",
+            "message": "WebSocket connected successfully",
+        }
+        yield ws
 
 
 async def init(ws: aiohttp.ClientWebSocketResponse, job: int | str) -> dict[str, Any]:
@@ -71,9 +86,9 @@ async def test_ws_session_accumulates_across_prompts_and_reconnects(
     sidecar = await sidecar_factory(llama_server.base_url)
     job = 41
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(sidecar.url + "/v1/ws") as ws:
+        async with node_socket(http, sidecar.url) as ws:
             ack = await init(ws, f"{job}n")
-            assert ack["type"] == "session_init_ack" and ack["job_id"] == str(job)
+            assert ack["type"] == "session_init_ack" and ack["job_id"] == job
             assert ack["tokens_used"] == 0
             totals = []
             for n in (7, 12, 20, 3, 31):
@@ -84,7 +99,7 @@ async def test_ws_session_accumulates_across_prompts_and_reconnects(
                 assert record.key == end["request_id"] and record.completion_tokens == n
                 totals.append(end["session_tokens"])
             assert totals == [7, 19, 39, 42, 73]  # grows, never resets
-        async with http.ws_connect(sidecar.url + "/v1/ws") as ws:  # a reconnect: same job
+        async with node_socket(http, sidecar.url) as ws:  # a reconnect: same job
             ack = await init(ws, job)
             assert ack["tokens_used"] == 73
             _, end = await prompt(ws, job, 5)
@@ -112,7 +127,7 @@ async def test_stream_cancel_stops_the_engine_and_keeps_the_tokens(
     sidecar = await sidecar_factory(llama_server.base_url)
     job = 42
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(sidecar.url + "/v1/ws") as ws:
+        async with node_socket(http, sidecar.url) as ws:
             await init(ws, job)
             await ws.send_json(
                 {"type": "prompt", "jobId": job, "request": {"prompt": "go", "max_tokens": 1900}}
@@ -144,8 +159,8 @@ async def test_two_sockets_for_one_job_share_its_count(llama_server, sidecar_fac
     job = 43
     async with aiohttp.ClientSession() as http:
         async with (
-            http.ws_connect(sidecar.url + "/v1/ws") as one,
-            http.ws_connect(sidecar.url + "/v1/ws") as two,
+            node_socket(http, sidecar.url) as one,
+            node_socket(http, sidecar.url) as two,
         ):
             await init(one, job)
             await init(two, job)
@@ -164,14 +179,14 @@ async def test_malformed_frames_get_errors_and_the_session_goes_on(
     sidecar = await sidecar_factory(llama_server.base_url, max_body_bytes=4096)
     job = 44
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(sidecar.url + "/v1/ws") as ws:
+        async with node_socket(http, sidecar.url) as ws:
             await init(ws, job)
             cases = [
                 ("not json", "invalid_json"),
                 ("[1, 2]", "invalid_message"),
                 ('{"no": "type"}', "invalid_message"),
                 ('{"type": "teleport"}', "unknown_message_type"),
-                ('{"type": "encrypted_session_init", "payload": {}}', "encryption_not_supported"),
+                ('{"type": "encrypted_session_init", "payload": {}}', "ENCRYPTION_NOT_SUPPORTED"),
                 ('{"type": "prompt", "request": {"max_tokens": 3}}', "invalid_request"),
                 ('{"type": "prompt", "jobId": "x", "request": {}}', "invalid_request"),
                 (
@@ -307,6 +322,7 @@ async def test_ws_session_claims_and_settles_on_anvil(
 
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(sidecar.url + "/v1/ws")
+        assert (await receive(ws))["type"] == "connected"
         ack = await init(ws, f"{job}n")
         assert ack["type"] == "session_init_ack"
         for n in (60, 60):  # crossing 100 tokens triggers a claim
@@ -381,7 +397,7 @@ async def test_ws_refuses_foreign_and_unknown_jobs(
     )
     async with aiohttp.ClientSession() as http:
         for job, code in ((foreign, "foreign_job"), (999_999, "unknown_job")):
-            async with http.ws_connect(sidecar.url + "/v1/ws") as ws:
+            async with node_socket(http, sidecar.url) as ws:
                 message = await init(ws, job)
                 assert message["type"] == "error" and message["code"] == code
                 assert str(job) in message["message"]
