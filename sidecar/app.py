@@ -49,16 +49,17 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         settings.upstream, metrics, connect_timeout=settings.upstream_connect_timeout
     )
     exchange = Exchange(settings, ledger, metrics, engine, chain)
+    host_key = None
+    if settings.host_key is not None or settings.host_key_file is not None:
+        host_key = HostKey(bytes.fromhex(settings.read_host_key()[2:]))
     node_http = NodeHttp(
         exchange,
         engine,
         ledger,
         chain_id=settings.chain_id,
         max_body_bytes=settings.max_body_bytes,
+        host_key=host_key,
     )
-    host_key = None
-    if settings.host_key is not None or settings.host_key_file is not None:
-        host_key = HostKey(bytes.fromhex(settings.read_host_key()[2:]))
     node_ws = NodeWebSocket(
         exchange,
         node_http,

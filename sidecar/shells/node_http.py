@@ -9,6 +9,7 @@ counted once. ``/v1/models`` is both APIs' route; ``/health``, ``/v1/version`` a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 from typing import Any
@@ -16,12 +17,13 @@ from typing import Any
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.engine import EngineClient
+from sidecar.engine import EngineClient, EngineHealth
 from sidecar.errors import BadRequest, SidecarError, UpstreamError, to_response
 from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_error_message
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, parse_job_id, resolve_job_id, safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS
+from sidecar.shells.crypto import HostKey
 from sidecar.shells.headers import receipt_headers
 from sidecar.shells.http import abort_client, read_body
 from sidecar.shells.node_protocol import (
@@ -48,8 +50,10 @@ class NodeHttp:
         *,
         chain_id: int | None,
         max_body_bytes: int,
+        host_key: HostKey | None = None,
     ) -> None:
         self.exchange = exchange
+        self.host_key = host_key
         self.engine = engine
         self.ledger = ledger
         self.chain_id = chain_id
@@ -60,6 +64,8 @@ class NodeHttp:
             web.post("/v1/inference", self.inference),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
+            web.get("/v1/health", self.health),  # what the SDK probes
+            web.post("/v1/auth/challenge", self.auth_challenge),
             web.get("/v1/version", self.version),
             web.get("/v1/checkpoints/{session_id}", self.checkpoints),
         ]
@@ -183,14 +189,47 @@ class NodeHttp:
         return web.json_response(body)
 
     async def health(self, request: web.Request) -> web.Response:
+        """The node's ``/health``, and ``/v1/health`` where the SDK looks: ``status`` and
+        ``issues`` (read by its session checks), ``healthy`` and ``chain_id`` (its client's)."""
         engine = await self.engine.health()
-        body = {
+        issues = [] if engine.healthy else [_engine_issue(engine)]
+        body: dict[str, Any] = {
             "status": "healthy" if engine.healthy else "degraded",
+            "healthy": engine.healthy,
             "version": __version__,
             "engine": {"url": self.engine.base_url, "models": list(engine.models)},
             "chain": self.chain_id is not None and self.exchange.chain is not None,
         }
+        if issues:
+            body["issues"] = issues
+        if self.chain_id is not None:
+            body["chain_id"] = self.chain_id
         return web.json_response(body, status=200 if engine.healthy else 503)
+
+    async def auth_challenge(self, request: web.Request) -> web.Response:
+        """The SDK's way to learn the host's public key when its registration does not publish
+        one: the host signs SHA-256 of the 32 challenge bytes (low-S, compact, with the
+        recovery id), and the SDK recovers the key and checks it is the host's address."""
+        if self.host_key is None:
+            return to_response(
+                SidecarError(
+                    "this host has no key configured (--host-key-file)",
+                    code="no_host_key",
+                    status=404,
+                )
+            )
+        try:
+            obj = await self._read_json(request)
+            raw = obj.get("challenge")
+            challenge = bytes.fromhex(raw.removeprefix("0x")) if type(raw) is str else b""
+        except ValueError:
+            challenge = b""
+        except SidecarError as exc:
+            return to_response(exc)
+        if len(challenge) != 32:
+            return to_response(BadRequest("challenge must be 32 bytes of hex", param="challenge"))
+        signature, recid = self.host_key.sign_digest(hashlib.sha256(challenge).digest())
+        return web.json_response({"signature": signature.hex(), "recid": recid})
 
     async def version(self, request: web.Request) -> web.Response:
         chains = [self.chain_id] if self.chain_id is not None else []
@@ -220,6 +259,12 @@ class NodeHttp:
                 "checkpoints": [checkpoint_json(c) for c in claims],
             }
         )
+
+
+def _engine_issue(engine: EngineHealth) -> str:
+    if not engine.reachable:
+        return f"the engine does not answer ({engine.error or 'no answer'})"
+    return f"the engine's /v1/models answered {engine.status} without a model list"
 
 
 def _sse(event: dict[str, Any]) -> bytes:

@@ -206,3 +206,45 @@ async def test_no_host_key_means_no_encrypted_sessions(llama_server, sidecar_fac
             await ws.send_json(sealed_init(79, os.urandom(32)))
             error = await receive(ws)
             assert error["code"] == "ENCRYPTION_NOT_SUPPORTED" and error["session_id"] == "79"
+
+
+async def test_v1_health_and_the_key_challenge(
+    llama_server, sidecar_factory, host_key_file
+) -> None:
+    import hashlib
+
+    vectors = json.loads(
+        (Path(__file__).parents[1] / "fixtures" / "vectors" / "e2ee.json").read_text()
+    )
+    sidecar = await sidecar_factory(llama_server.base_url, host_key_file=host_key_file)
+    bare = await sidecar_factory(llama_server.base_url)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sidecar.url + "/v1/health") as resp:
+            health = await resp.json()
+        assert resp.status == 200 and health["status"] == "healthy" and health["healthy"] is True
+        assert "issues" not in health
+        challenge = vectors["challengeHex"]
+        async with http.post(
+            sidecar.url + "/v1/auth/challenge", json={"challenge": challenge}
+        ) as resp:
+            answer = await resp.json()
+        assert answer == {
+            "signature": vectors["challengeSignatureCompact"],
+            "recid": vectors["challengeRecid"],
+        }
+        fresh = os.urandom(32)
+        async with http.post(
+            sidecar.url + "/v1/auth/challenge", json={"challenge": fresh.hex()}
+        ) as resp:
+            answer = await resp.json()
+        signature = bytes.fromhex(answer["signature"]) + bytes([answer["recid"]])
+        digest = hashlib.sha256(fresh).digest()
+        assert crypto.recover_address(digest, signature) == HOST.address
+        for body in ({"challenge": "abcd"}, {"challenge": "zz" * 32}, {"nope": 1}):
+            async with http.post(sidecar.url + "/v1/auth/challenge", json=body) as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"]["param"] == "challenge"
+        async with http.post(
+            bare.url + "/v1/auth/challenge", json={"challenge": challenge}
+        ) as resp:
+            assert resp.status == 404

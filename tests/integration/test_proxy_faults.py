@@ -338,4 +338,5 @@ async def test_both_health_routes_mean_the_same_by_healthy(
             node_status, node = resp.status, await resp.json()
     assert admin["status"] == "degraded"
     assert admin["upstream"]["reachable"] is True and admin["upstream"]["status"] == 404
-    assert node_status == 503 and node["status"] == "degraded"
+    assert node_status == 503 and node["status"] == "degraded" and node["healthy"] is False
+    assert node["issues"] == ["the engine's /v1/models answered 404 without a model list"]
