@@ -135,6 +135,12 @@ class Settings:
         "settle a session after this many seconds without requests (0: never automatically)",
         metavar="SECONDS",
     )
+    default_max_tokens: int = _opt(
+        4096,
+        "with a chain: the max_tokens written into a request for a job that names none, and so "
+        "what it holds of the job's deposit while it runs",
+        metavar="TOKENS",
+    )
 
     def read_host_key(self) -> str:
         """The host's private key as 0x-hex, from SIDECAR_HOST_KEY or --host-key-file.
@@ -336,6 +342,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"--checkpoint-tokens must be at least {MIN_CLAIM_TOKENS} (the contract's minimum)"
         )
+    if settings.default_max_tokens < 1:
+        raise ConfigError("--default-max-tokens must be at least 1")
     if settings.dispute_window < 0 or settings.settle_after_idle < 0:
         raise ConfigError("--dispute-window and --settle-after-idle must not be negative")
     if not settings.ledger_url.startswith("sqlite:///"):

@@ -44,6 +44,7 @@ from sidecar.metering.dialects import engine_profile
 from sidecar.metering.requests import cap_max_tokens
 from sidecar.metering.usage import usage_from_body
 from sidecar.metrics import Metrics
+from sidecar.reservations import NO_HOLD, Hold, Reservations
 
 log = logging.getLogger("sidecar.exchange")
 
@@ -115,10 +116,12 @@ def engine_error_message(status: int, payload: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """What admission decided: the body to send, and the lowered ``max_tokens`` if it was."""
+    """What admission decided: the body to send, the lowered ``max_tokens`` if it was, and what
+    the call holds of its job's deposit until its record is committed."""
 
     body: bytes
     max_tokens: int | None = None  # set when lowered to what the job's deposit still covers
+    hold: Hold = NO_HOLD
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,7 @@ class Call:
     model: str | None
     started_ms: int
     max_tokens: int | None  # lowered by admission, else None
+    hold: Hold = NO_HOLD  # released when the call's record is committed (or it never ran)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,8 @@ class Exchange:
         self.require_job = settings.require_job
         self.bill_total = settings.bill == "total"
         self.inject_include_usage = engine_profile(settings.engine).inject_include_usage
+        self.default_max_tokens = settings.default_max_tokens
+        self.reservations = Reservations()
         # Idempotency keys: a random 64-bit prefix per process and a counter (uuid4 would cost
         # a system call per request); unique across restarts and replicas.
         prefix = os.urandom(8).hex()
@@ -201,12 +207,21 @@ class Exchange:
     async def admit(self, endpoint: Endpoint, job_id: int | None, body: bytes) -> Admission:
         """Ask the chain whether the job may be served; lower ``max_tokens`` to its budget.
         Raises :class:`~sidecar.errors.JobRefused` (counted)."""
-        budget = None if job_id is None else await self.admit_job(job_id)
-        if budget is None or endpoint is Endpoint.EMBEDDINGS:
+        left = None if job_id is None else await self.admit_job(job_id)
+        if left is None or job_id is None or endpoint is Endpoint.EMBEDDINGS:
             return Admission(body)
-        body, lowered = cap_max_tokens(body, budget)
+        available = left - self.reservations.held(job_id)
+        if available <= 0:
+            raise self.refused(
+                JobRefused(
+                    f"job {job_id}'s deposit is held by requests in flight; retry when they end",
+                    code="budget_spent",
+                )
+            )
+        body, limit, lowered = cap_max_tokens(body, available, default=self.default_max_tokens)
+        hold = self.reservations.grant(job_id, left, limit)
         # The deposit covers fewer tokens than asked: the shell says so rather than work for free.
-        return Admission(body, budget if lowered else None)
+        return Admission(body, limit if lowered else None, hold)
 
     def start(
         self, endpoint: Endpoint, job_id: int | None, model: str | None, admission: Admission
@@ -218,6 +233,7 @@ class Exchange:
             model=model,
             started_ms=now_ms(),
             max_tokens=admission.max_tokens,
+            hold=admission.hold,
         )
 
     # -- records ---------------------------------------------------------------------------
@@ -285,6 +301,12 @@ class Exchange:
         Raises :class:`~sidecar.errors.UpstreamBroke` if the engine broke off, and
         :class:`~sidecar.errors.LedgerUnavailable` if the record could not be committed: the
         caller must then not deliver the answer."""
+        try:
+            return await self._answer(call, reply)
+        finally:
+            call.hold.release()  # committed (its tokens are metered now), or never will be
+
+    async def _answer(self, call: Call, reply: EngineReply) -> MeteredAnswer:
         try:
             payload = await reply.read()
         except UpstreamBroke:
@@ -361,7 +383,11 @@ class Exchange:
         model = body.get("model")
         call = self.start(endpoint, job_id, model if type(model) is str else None, admission)
         sent_at = time.perf_counter()
-        reply = await self.engine.post_json(ENDPOINT_PATHS[endpoint], admission.body)
+        try:
+            reply = await self.engine.post_json(ENDPOINT_PATHS[endpoint], admission.body)
+        except BaseException:
+            call.hold.release()  # nothing was served
+            raise
         self.metrics.observe_upstream(endpoint.value, time.perf_counter() - sent_at)
         return call, reply
 
@@ -432,6 +458,7 @@ class MeteredStream:
                         # [DONE] is in this chunk: the record goes first, then the bytes.
                         await exchange.commit(self._record(RecordState.FINAL))
                         self.committed = True
+                        self.call.hold.release()
                 elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
                     loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
                     and meter.completion_tokens != persisted_tokens
@@ -460,6 +487,7 @@ class MeteredStream:
             exchange.metrics.streams_in_flight.dec()
             if not self.committed:
                 self._abandon()
+            self.call.hold.release()
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """The engine's JSON chunks (``[DONE]`` excluded); use as
@@ -479,6 +507,7 @@ class MeteredStream:
         """Stop early: the engine request is closed, the tokens so far recorded as ABORTED."""
         if not self.committed:
             self._abandon()
+        self.call.hold.release()
         self.release()
 
     def release(self) -> None:

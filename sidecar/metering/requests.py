@@ -87,23 +87,27 @@ def prepare_request(
     )
 
 
-def cap_max_tokens(body: bytes, cap: int) -> tuple[bytes, bool]:
-    """Lower the request's ``max_tokens`` (and ``max_completion_tokens``) to ``cap``.
+def cap_max_tokens(body: bytes, cap: int, *, default: int | None = None) -> tuple[bytes, int, bool]:
+    """Bound the request's ``max_tokens`` (and ``max_completion_tokens``) by ``cap``.
 
-    A request that names no limit gets ``cap``. Returns the body to send and whether it changed;
+    A limit above ``cap`` (or not a positive integer) becomes ``cap``; a request that names no
+    ``max_tokens`` gets ``min(default, cap)`` (``cap`` without a default): absent means the
+    engine's own, possibly unbounded, default. ``max_completion_tokens`` is bounded only when the
+    client sent it. Returns the body to send, the limit in force, and whether the body changed;
     an unchanged body is the same bytes object.
     """
     obj = _parse_object(body)
-    lowered = False
+    changed = False
+    limits = []
     for key in ("max_tokens", "max_completion_tokens"):
         value = obj.get(key)
-        within = type(value) is int and 0 < value <= cap
-        # max_tokens is always bounded (absent means the engine's own, possibly unbounded,
-        # default); max_completion_tokens only when the client sent it.
-        if not within and (key == "max_tokens" or value is not None):
-            obj[key] = cap
-            lowered = True
-    return (_encode(obj), True) if lowered else (body, False)
+        if type(value) is int and 0 < value <= cap:
+            limits.append(value)
+        elif value is not None or key == "max_tokens":
+            obj[key] = cap if value is not None or default is None else min(default, cap)
+            limits.append(obj[key])
+            changed = True
+    return (_encode(obj) if changed else body), min(limits), changed
 
 
 def _parse_object(raw: bytes) -> dict[str, Any]:

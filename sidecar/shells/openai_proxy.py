@@ -105,9 +105,13 @@ class OpenAIProxy:
         call = exchange.start(endpoint, prepared.job_id, prepared.model, admission)
         sent_at = time.perf_counter()
         headers = forwardable_headers(request.headers, METERED_REQUEST_DROP)
-        upstream = await self.engine.request(
-            request.method, request.raw_path, admission.body, headers
-        )
+        try:
+            upstream = await self.engine.request(
+                request.method, request.raw_path, admission.body, headers
+            )
+        except BaseException:
+            call.hold.release()  # nothing was served
+            raise
         exchange.metrics.observe_upstream(endpoint.value, time.perf_counter() - sent_at)
         async with upstream:
             if upstream.is_event_stream:

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
-from sidecar.ledger import ClaimKind, ClaimState
+from sidecar.ledger import ClaimKind, ClaimState, RecordState
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +203,41 @@ async def test_idle_sessions_settle_by_themselves(
     await wait_for(settled, what="the idle settlement")
     after = devnet.session_job(deployment, job)
     assert after["statusName"] == "Completed" and after["tokensUsed"] == 130
+
+
+async def test_concurrent_streams_are_never_served_past_the_deposit(
+    llama_server, devnet, sidecar_factory, tmp_path
+) -> None:
+    """16 streams at once on a job whose deposit covers 300 tokens, asking 16 x 50: what is
+    served never exceeds the deposit, the last ones are lowered or refused (402), and every
+    hold is released once the records are in."""
+    from sidecar.app import EXCHANGE_KEY
+
+    deployment = devnet.deploy("v1", dispute_window=30)
+    price = 10**12
+    job = devnet.create_session_job(deployment, deposit=300 * price, price_per_token=price)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, **chain_options(devnet, deployment, key_file)
+    )
+
+    async def stream(http: aiohttp.ClientSession) -> tuple[int, int, str | None]:
+        body = {"prompt": "x", "max_tokens": 50, "stream": True, "job_id": job}
+        async with http.post(f"{sidecar.url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                return resp.status, 0, (await resp.json())["error"]["code"]
+            lowered = resp.headers.get("X-Sidecar-Max-Tokens")
+            raw = await resp.read()
+        chunks = raw.count(b'"text"') - 1  # llama-cpp-python: one chunk per token, then a final
+        return 200, chunks, lowered
+
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(*(stream(http) for _ in range(16)))
+    records = [r for r in await sidecar.ledger.records(job) if r.state is not RecordState.OPEN]
+    served = sum(r.completion_tokens for r in records)
+    assert served <= 300, results
+    assert sum(tokens for status, tokens, _ in results if status == 200) == served
+    refused = [code for status, _, code in results if status != 200]
+    assert refused and set(refused) == {"budget_spent"}
+    assert served >= 250  # the deposit is used, not left idle
+    assert sidecar.runner.app[EXCHANGE_KEY].reservations.held(job) == 0

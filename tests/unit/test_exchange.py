@@ -286,10 +286,53 @@ async def test_admission_lowers_max_tokens_to_the_budget(ledger: Ledger) -> None
     exchange = make_exchange(ledger, StubEngine(), StubChain(budget=40))
     admitted = await exchange.admit(Endpoint.CHAT, 17, b'{"max_tokens": 100}')
     assert json.loads(admitted.body) == {"max_tokens": 40} and admitted.max_tokens == 40
-    assert await exchange.admit(Endpoint.CHAT, 17, b'{"max_tokens": 30}') == Admission(
-        b'{"max_tokens": 30}'
-    )
+    admitted.hold.release()
+    unchanged = await exchange.admit(Endpoint.CHAT, 17, b'{"max_tokens": 30}')
+    assert unchanged.body == b'{"max_tokens": 30}' and unchanged.max_tokens is None
     assert await exchange.admit(Endpoint.CHAT, None, b"{}") == Admission(b"{}")
+
+
+async def test_requests_in_flight_hold_the_deposit_until_recorded(ledger: Ledger) -> None:
+    """Admission grants what the deposit covers minus what others hold; a record's commit
+    releases its hold (the ledger then counts its tokens)."""
+    engine = StubEngine([StubReply(chat_stream(10)), StubReply(chat_stream(10))])
+    exchange = make_exchange(ledger, engine, StubChain(budget=50))
+    first = await exchange.call_stream(Endpoint.CHAT, {"messages": [], "max_tokens": 30}, 20)
+    second = await exchange.call_stream(Endpoint.CHAT, {"messages": [], "max_tokens": 30}, 20)
+    assert first.max_tokens is None and second.max_tokens == 20  # lowered to what is left
+    assert engine.sent[1][1]["max_tokens"] == 20
+    assert exchange.reservations.held(20) == 50
+    with pytest.raises(JobRefused) as caught:
+        await exchange.admit(Endpoint.CHAT, 20, b'{"max_tokens": 1}')
+    assert caught.value.status == 402 and caught.value.code == "budget_spent"
+    async with contextlib.aclosing(first.chunks()) as chunks:
+        async for _ in chunks:
+            pass
+    assert exchange.reservations.held(20) == 20  # the first is recorded: its hold is gone
+    await second.aclose()  # a departure releases too
+    assert exchange.reservations.held(20) == 0
+    # No max_tokens at all: the default cap is written in and held.
+    admitted = await exchange.admit(Endpoint.CHAT, 20, b"{}")
+    assert json.loads(admitted.body) == {"max_tokens": 50} and admitted.hold.tokens == 50
+    admitted.hold.release()
+    small = make_exchange(ledger, StubEngine(), StubChain(budget=500), default_max_tokens=64)
+    admitted = await small.admit(Endpoint.CHAT, 21, b"{}")
+    assert json.loads(admitted.body) == {"max_tokens": 64} and admitted.max_tokens == 64
+
+
+async def test_failed_calls_release_their_hold(ledger: Ledger) -> None:
+    class DeadEngine:
+        async def post_json(self, path: str, body: bytes) -> StubReply:
+            raise UpstreamError("the engine at stub is unreachable", code="upstream_unreachable")
+
+    exchange = make_exchange(ledger, DeadEngine(), StubChain(budget=50))  # type: ignore[arg-type]
+    with pytest.raises(UpstreamError):
+        await exchange.call_json(Endpoint.CHAT, {"messages": [], "max_tokens": 30}, 22)
+    broken = StubEngine([StubReply([chat_answer(1, 1)], event_stream=False, break_after=0)])
+    exchange2 = make_exchange(ledger, broken, StubChain(budget=50))
+    with pytest.raises(UpstreamBroke):
+        await exchange2.call_json(Endpoint.CHAT, {"messages": [], "max_tokens": 30}, 22)
+    assert exchange.reservations.held(22) == 0 == exchange2.reservations.held(22)
 
 
 async def test_refused_job_is_counted_and_nothing_is_sent(ledger: Ledger) -> None:
