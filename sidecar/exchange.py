@@ -55,6 +55,13 @@ METERED_ROUTES: dict[str, Endpoint] = {
 }
 ENDPOINT_PATHS: dict[Endpoint, str] = {endpoint: path for path, endpoint in METERED_ROUTES.items()}
 
+# The receipt of a metered answer (headers of a JSON answer; an SSE comment of a stream whose
+# client asked with X-Sidecar-Receipt: 1).
+RECEIPT_JOB = "X-Sidecar-Job"
+RECEIPT_TOKENS = "X-Sidecar-Tokens"
+RECEIPT_JOB_TOKENS = "X-Sidecar-Job-Tokens"
+RECEIPT_DEPOSIT_LEFT = "X-Sidecar-Deposit-Left"
+
 PROGRESS_EVERY_TOKENS = 64
 PROGRESS_EVERY_SECONDS = 1.0
 ENGINE_ERROR_TEXT = 300  # characters of an engine's error message quoted to the client
@@ -90,6 +97,8 @@ class JobGate(Protocol):
     async def admit(self, job_id: int) -> int: ...
 
     def note_usage(self, job_id: int) -> None: ...
+
+    def tokens_left(self, job_id: int, metered: int) -> int | None: ...
 
 
 def billable_tokens(endpoint: Endpoint, usage: Usage, *, bill_total: bool) -> int:
@@ -293,6 +302,24 @@ class Exchange:
         if self.chain is not None and record.job_id is not None:
             self.chain.note_usage(record.job_id)
 
+    async def receipt(self, call: Call, usage: Usage) -> dict[str, str]:
+        """What a metered answer tells its client about the job, once its record is committed:
+        the job, this answer's billable tokens, the job's so far, and (with a chain) what the
+        deposit still covers, in tokens. Empty for an answer that names no job."""
+        if call.job_id is None:
+            return {}
+        totals = await self.ledger.job(call.job_id)
+        job_tokens = 0 if totals is None else totals.billable_tokens
+        out = {
+            RECEIPT_JOB: str(call.job_id),
+            RECEIPT_TOKENS: str(billable_tokens(call.endpoint, usage, bill_total=self.bill_total)),
+            RECEIPT_JOB_TOKENS: str(job_tokens),
+        }
+        left = None if self.chain is None else self.chain.tokens_left(call.job_id, job_tokens)
+        if left is not None:
+            out[RECEIPT_DEPOSIT_LEFT] = str(left)
+        return out
+
     # -- answers and streams ---------------------------------------------------------------
 
     async def answer(self, call: Call, reply: EngineReply) -> MeteredAnswer:
@@ -338,10 +365,15 @@ class Exchange:
         return MeteredAnswer(call, reply.status, payload, usage)
 
     def stream(
-        self, call: Call, reply: EngineReply, *, strip_usage_chunk: bool = False
+        self,
+        call: Call,
+        reply: EngineReply,
+        *,
+        strip_usage_chunk: bool = False,
+        with_receipt: bool = False,
     ) -> MeteredStream:
         meter = StreamMeter(call.endpoint, strip_usage_chunk=strip_usage_chunk)
-        return MeteredStream(self, call, reply, meter)
+        return MeteredStream(self, call, reply, meter, with_receipt=with_receipt)
 
     # -- calls for shells that speak another API (the node's HTTP and WebSocket) -------------
 
@@ -407,16 +439,23 @@ class MeteredStream:
       request is closed and an ABORTED record written without waiting.
     """
 
-    __slots__ = ("_released", "call", "committed", "exchange", "meter", "reply")
+    __slots__ = ("_released", "call", "committed", "exchange", "meter", "reply", "with_receipt")
 
     def __init__(
-        self, exchange: Exchange, call: Call, reply: EngineReply, meter: StreamMeter
+        self,
+        exchange: Exchange,
+        call: Call,
+        reply: EngineReply,
+        meter: StreamMeter,
+        *,
+        with_receipt: bool = False,
     ) -> None:
         self.exchange = exchange
         self.call = call
         self.reply = reply
         self.meter = meter
         self.committed = False
+        self.with_receipt = with_receipt  # an SSE comment with the receipt before [DONE]
         self._released = False
 
     @property
@@ -459,6 +498,9 @@ class MeteredStream:
                         await exchange.commit(self._record(RecordState.FINAL))
                         self.committed = True
                         self.call.hold.release()
+                        if self.with_receipt and self.call.job_id is not None:
+                            receipt = await exchange.receipt(self.call, meter.usage())
+                            out = with_comment_before_done(out, receipt_comment(receipt))
                 elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
                     loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
                     and meter.completion_tokens != persisted_tokens
@@ -553,6 +595,20 @@ class MeteredStream:
                 self.call.key,
                 "; ".join(anomalies[:5]),
             )
+
+
+def receipt_comment(receipt: dict[str, str]) -> bytes:
+    """The receipt as one SSE comment line (SSE clients skip comments)."""
+    return b": sidecar-receipt " + json.dumps(receipt, separators=(",", ":")).encode() + b"\n\n"
+
+
+def with_comment_before_done(out: bytes, comment: bytes) -> bytes:
+    """``out`` with ``comment`` before its ``data: [DONE]`` event; after ``out`` when the event
+    began in an earlier chunk (already relayed: a comment after it is still valid SSE)."""
+    at = max(out.rfind(b"data: [DONE]"), out.rfind(b"data:[DONE]"))
+    if at < 0 or (at > 0 and out[at - 1 : at] not in (b"\n", b"\r")):
+        return out + comment
+    return out[:at] + comment + out[at:]
 
 
 @contextlib.asynccontextmanager

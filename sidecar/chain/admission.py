@@ -87,9 +87,7 @@ class JobAdmission:
                 status=402,
                 param="job_id",
             )
-        metered = await self._metered(job_id)
-        market = self._chain.market
-        left = view.tokens_used + market.budget_tokens(view) - max(metered, view.tokens_used)
+        left = self._left(view, await self._metered(job_id))
         if left <= 0:
             raise JobRefused(
                 f"job {job_id}'s deposit is used up",
@@ -99,6 +97,18 @@ class JobAdmission:
             )
         job.last_activity = time.monotonic()
         return left
+
+    def _left(self, view: OnChainJob, metered: int) -> int:
+        """The tokens the deposit still pays for: its budget, less the larger of what this
+        ledger metered and what the chain counts as used."""
+        budget = self._chain.market.budget_tokens(view)
+        return view.tokens_used + budget - max(metered, view.tokens_used)
+
+    def tokens_left(self, job_id: int, metered: int) -> int | None:
+        """What the deposit still covers once ``metered`` tokens are counted, from the cached
+        view (None for a job not seen yet); never below 0, never a refusal."""
+        job = self._jobs.get(job_id)
+        return None if job is None else max(0, self._left(job.view, metered))
 
     def note_usage(self, job_id: int) -> None:
         """A usage record of this job was committed: it is active (for settle-after-idle)."""

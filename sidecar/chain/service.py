@@ -149,6 +149,12 @@ class ChainService:
         await started.admission.request_settlement(job_id)
         started.worker.wake(job_id)
 
+    def tokens_left(self, job_id: int, metered: int) -> int | None:
+        """What the job's deposit still covers once ``metered`` tokens are counted (for the
+        receipts); None when the job is not known yet."""
+        started = self._started
+        return None if started is None else started.admission.tokens_left(job_id, metered)
+
     def view(self, job_id: int) -> OnChainJob | None:
         started = self._started
         return None if started is None else started.admission.view(job_id)

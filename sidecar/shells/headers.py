@@ -29,7 +29,12 @@ REQUEST_ID_HEADER = "X-Sidecar-Request-Id"
 # Set when the request's max_tokens was lowered to what the job's deposit still covers.
 MAX_TOKENS_HEADER = "X-Sidecar-Max-Tokens"
 
-REQUEST_DROP = frozenset({"host", "content-length", "x-job-id", "x-session-id"})
+# A client's request for a stream's receipt (an SSE comment before [DONE]); never forwarded.
+RECEIPT_REQUEST_HEADER = "X-Sidecar-Receipt"
+
+REQUEST_DROP = frozenset(
+    {"host", "content-length", "x-job-id", "x-session-id", "x-sidecar-receipt"}
+)
 # Metered answers must come back uncompressed so the meter can read them.
 METERED_REQUEST_DROP = REQUEST_DROP | {"accept-encoding"}
 RESPONSE_DROP = frozenset({"content-length"})

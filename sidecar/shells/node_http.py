@@ -130,7 +130,11 @@ class NodeHttp:
         }
         if params.chain_id is not None or self.chain_id is not None:
             out["chain_id"] = params.chain_id or self.chain_id
-        return web.json_response(out, headers=receipt_headers(answer.key, answer.max_tokens))
+        headers = {
+            **receipt_headers(answer.key, answer.max_tokens),
+            **await self.exchange.receipt(answer.call, answer.usage),
+        }
+        return web.json_response(out, headers=headers)
 
     async def _stream(self, request: web.Request, stream: MeteredStream) -> web.StreamResponse:
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -28,6 +28,7 @@ from sidecar.metering.requests import PreparedRequest
 from sidecar.shells.headers import (
     JOB_HEADERS,
     METERED_REQUEST_DROP,
+    RECEIPT_REQUEST_HEADER,
     REQUEST_DROP,
     RESPONSE_DROP,
     forwardable_headers,
@@ -122,6 +123,7 @@ class OpenAIProxy:
         answer = await self.exchange.answer(call, upstream)
         headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
         headers.update(receipt_headers(call.key, call.max_tokens))
+        headers.update(await self.exchange.receipt(call, answer.usage))
         return web.Response(
             status=upstream.status, reason=upstream.reason, body=answer.body, headers=headers
         )
@@ -133,7 +135,12 @@ class OpenAIProxy:
         call: Call,
         prepared: PreparedRequest,
     ) -> web.StreamResponse:
-        stream = self.exchange.stream(call, upstream, strip_usage_chunk=prepared.strip_usage_chunk)
+        stream = self.exchange.stream(
+            call,
+            upstream,
+            strip_usage_chunk=prepared.strip_usage_chunk,
+            with_receipt=request.headers.get(RECEIPT_REQUEST_HEADER) == "1",
+        )
         headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
         headers.update(receipt_headers(call.key, call.max_tokens))
         response = web.StreamResponse(

@@ -4,6 +4,7 @@ JobMarketplace test doubles: what the chain says was used equals what the ledger
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -241,3 +242,61 @@ async def test_concurrent_streams_are_never_served_past_the_deposit(
     assert refused and set(refused) == {"budget_spent"}
     assert served >= 250  # the deposit is used, not left idle
     assert sidecar.runner.app[EXCHANGE_KEY].reservations.held(job) == 0
+
+
+async def test_receipts_on_json_answers_and_asked_for_streams(
+    llama_server, devnet, sidecar_factory, tmp_path
+) -> None:
+    """A JSON answer carries the job, its billable tokens, the job's so far and what the deposit
+    still covers; a stream whose client asks (X-Sidecar-Receipt: 1) gets the same as an SSE
+    comment before [DONE], and the OpenAI SDK reads that stream as any other."""
+    deployment = devnet.deploy("v1", dispute_window=30)
+    price = 10**12
+    job = devnet.create_session_job(deployment, deposit=1000 * price, price_per_token=price)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, **chain_options(devnet, deployment, key_file)
+    )
+    async with aiohttp.ClientSession() as http:
+        body = {"prompt": "x", "max_tokens": 7, "job_id": job}
+        async with http.post(f"{sidecar.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            receipt = {
+                k: v
+                for k, v in resp.headers.items()
+                if k.startswith("X-Sidecar-") and k != "X-Sidecar-Request-Id"
+            }
+        assert receipt == {
+            "X-Sidecar-Job": str(job),
+            "X-Sidecar-Tokens": "7",
+            "X-Sidecar-Job-Tokens": "7",
+            "X-Sidecar-Deposit-Left": "993",
+        }
+        stream_body = {**body, "max_tokens": 5, "stream": True}
+        headers = {"X-Sidecar-Receipt": "1"}
+        async with http.post(
+            f"{sidecar.url}/v1/completions", json=stream_body, headers=headers
+        ) as resp:
+            raw = await resp.read()
+        expected = {
+            "X-Sidecar-Job": str(job),
+            "X-Sidecar-Tokens": "5",
+            "X-Sidecar-Job-Tokens": "12",
+            "X-Sidecar-Deposit-Left": "988",
+        }
+        line = b": sidecar-receipt " + json.dumps(expected, separators=(",", ":")).encode()
+        assert line + b"\n\n" in raw, raw[-300:]
+        assert raw.index(b": sidecar-receipt") < raw.index(b"data: [DONE]")
+        async with http.post(f"{sidecar.url}/v1/completions", json=stream_body) as resp:
+            assert b"sidecar-receipt" not in await resp.read()  # only when asked
+    client = AsyncOpenAI(
+        base_url=sidecar.url + "/v1",
+        api_key="none",
+        max_retries=0,
+        default_headers={"X-Sidecar-Receipt": "1"},
+    )
+    stream = await client.completions.create(
+        model="m", prompt="x", max_tokens=4, stream=True, extra_body={"job_id": job}
+    )
+    texts = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+    assert len([t for t in texts if t]) == 4

@@ -18,7 +18,7 @@ import pytest
 
 from sidecar.config import Settings
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
-from sidecar.exchange import Admission, Exchange, billable_tokens
+from sidecar.exchange import Admission, Exchange, billable_tokens, with_comment_before_done
 from sidecar.ledger import Ledger, RecordState, open_ledger
 from sidecar.metering import Endpoint, Source, Usage
 from sidecar.metrics import Metrics
@@ -86,6 +86,9 @@ class StubChain:
 
     def note_usage(self, job_id: int) -> None:
         self.noted.append(job_id)
+
+    def tokens_left(self, job_id: int, metered: int) -> int | None:
+        return max(0, self.budget - metered)
 
 
 def chat_stream(tokens: int) -> list[bytes]:
@@ -369,3 +372,55 @@ async def test_bill_total_is_what_the_record_carries(ledger: Ledger) -> None:
     await exchange.call_json(Endpoint.CHAT, {"messages": []}, 19)
     [record] = await ledger.records(19)
     assert record.billable_tokens == 12
+
+
+# -- receipts ------------------------------------------------------------------------------
+
+
+async def test_a_stream_asked_for_a_receipt_gets_it_before_done(ledger: Ledger) -> None:
+    engine = StubEngine([StubReply(chat_stream(4)), StubReply(chat_stream(3))])
+    exchange = make_exchange(ledger, engine, StubChain(budget=100))
+    for tokens in (4, 3):
+        body = b'{"messages": [], "max_tokens": 10}'
+        admission = await exchange.admit(Endpoint.CHAT, 30, body)
+        call = exchange.start(Endpoint.CHAT, 30, None, admission)
+        reply = await engine.post_json("/v1/chat/completions", admission.body)
+        stream = exchange.stream(call, reply, with_receipt=tokens == 3)
+        async with contextlib.aclosing(stream.chunks()) as chunks:
+            relayed = b"".join([out async for out in chunks])
+    expected = {
+        "X-Sidecar-Job": "30",
+        "X-Sidecar-Tokens": "3",
+        "X-Sidecar-Job-Tokens": "7",
+        "X-Sidecar-Deposit-Left": "93",
+    }
+    comment = b": sidecar-receipt " + json.dumps(expected, separators=(",", ":")).encode()
+    assert relayed.endswith(comment + b"\n\n" + DONE)
+    assert relayed.replace(comment + b"\n\n", b"") == b"".join(chat_stream(3))
+
+
+async def test_json_receipt(ledger: Ledger) -> None:
+    engine = StubEngine([StubReply([chat_answer(7, 5)], event_stream=False)])
+    exchange = make_exchange(ledger, engine, StubChain(budget=100))
+    answer = await exchange.call_json(Endpoint.CHAT, {"messages": [], "max_tokens": 5}, 31)
+    assert await exchange.receipt(answer.call, answer.usage) == {
+        "X-Sidecar-Job": "31",
+        "X-Sidecar-Tokens": "5",
+        "X-Sidecar-Job-Tokens": "5",
+        "X-Sidecar-Deposit-Left": "95",
+    }
+    no_chain = make_exchange(
+        ledger, StubEngine([StubReply([chat_answer(1, 2)], event_stream=False)])
+    )
+    answer = await no_chain.call_json(Endpoint.CHAT, {"messages": []}, 31)
+    assert "X-Sidecar-Deposit-Left" not in await no_chain.receipt(answer.call, answer.usage)
+
+
+def test_the_comment_goes_where_the_stream_stays_valid() -> None:
+    note = b": r\n\n"
+    assert with_comment_before_done(b"data: {}\n\ndata: [DONE]\n\n", note) == (
+        b"data: {}\n\n: r\n\ndata: [DONE]\n\n"
+    )
+    assert with_comment_before_done(b"data:[DONE]\r\n\r\n", note) == b": r\n\ndata:[DONE]\r\n\r\n"
+    # [DONE] began in a chunk already relayed: after it, never inside a line.
+    assert with_comment_before_done(b"NE]\n\n", note) == b"NE]\n\n: r\n\n"
