@@ -44,6 +44,18 @@ def chain_options(devnet, deployment, key_file) -> dict:
     }
 
 
+async def sidecar_for_tokens(llama_server, devnet, sidecar_factory, tmp_path, tokens: int):
+    """A v1 job whose deposit pays for ``tokens`` tokens, and a sidecar with the chain."""
+    deployment = devnet.deploy("v1", dispute_window=30)
+    price = 10**12
+    job = devnet.create_session_job(deployment, deposit=tokens * price, price_per_token=price)
+    key_file = devnet.write_host_key_file(tmp_path / "host.key")
+    sidecar = await sidecar_factory(
+        llama_server.base_url, **chain_options(devnet, deployment, key_file)
+    )
+    return job, sidecar
+
+
 async def test_v1_claims_and_settles_exactly(llama_server, devnet, sidecar_factory, tmp_path):
     deployment = devnet.deploy("v1", dispute_window=30)
     job = devnet.create_session_job(deployment)
@@ -160,13 +172,7 @@ async def test_v2_claims_and_settles_exactly(llama_server, devnet, sidecar_facto
 async def test_budget_lowers_max_tokens_then_refuses(
     llama_server, devnet, sidecar_factory, tmp_path
 ) -> None:
-    deployment = devnet.deploy("v1", dispute_window=30)
-    price = 10**12
-    job = devnet.create_session_job(deployment, deposit=200 * price, price_per_token=price)
-    key_file = devnet.write_host_key_file(tmp_path / "host.key")
-    sidecar = await sidecar_factory(
-        llama_server.base_url, **chain_options(devnet, deployment, key_file)
-    )
+    job, sidecar = await sidecar_for_tokens(llama_server, devnet, sidecar_factory, tmp_path, 200)
     async with aiohttp.ClientSession() as http:
         async with http.post(
             f"{sidecar.url}/v1/completions", json={"prompt": "x", "max_tokens": 500, "job_id": job}
@@ -214,13 +220,7 @@ async def test_concurrent_streams_are_never_served_past_the_deposit(
     hold is released once the records are in."""
     from sidecar.app import EXCHANGE_KEY
 
-    deployment = devnet.deploy("v1", dispute_window=30)
-    price = 10**12
-    job = devnet.create_session_job(deployment, deposit=300 * price, price_per_token=price)
-    key_file = devnet.write_host_key_file(tmp_path / "host.key")
-    sidecar = await sidecar_factory(
-        llama_server.base_url, **chain_options(devnet, deployment, key_file)
-    )
+    job, sidecar = await sidecar_for_tokens(llama_server, devnet, sidecar_factory, tmp_path, 300)
 
     async def stream(http: aiohttp.ClientSession) -> tuple[int, int, str | None]:
         body = {"prompt": "x", "max_tokens": 50, "stream": True, "job_id": job}
@@ -250,13 +250,7 @@ async def test_receipts_on_json_answers_and_asked_for_streams(
     """A JSON answer carries the job, its billable tokens, the job's so far and what the deposit
     still covers; a stream whose client asks (X-Sidecar-Receipt: 1) gets the same as an SSE
     comment before [DONE], and the OpenAI SDK reads that stream as any other."""
-    deployment = devnet.deploy("v1", dispute_window=30)
-    price = 10**12
-    job = devnet.create_session_job(deployment, deposit=1000 * price, price_per_token=price)
-    key_file = devnet.write_host_key_file(tmp_path / "host.key")
-    sidecar = await sidecar_factory(
-        llama_server.base_url, **chain_options(devnet, deployment, key_file)
-    )
+    job, sidecar = await sidecar_for_tokens(llama_server, devnet, sidecar_factory, tmp_path, 1000)
     async with aiohttp.ClientSession() as http:
         body = {"prompt": "x", "max_tokens": 7, "job_id": job}
         async with http.post(f"{sidecar.url}/v1/completions", json=body) as resp:
