@@ -22,7 +22,6 @@ from sidecar.ledger import Ledger, open_ledger
 from sidecar.malloc import tune_for_relaying
 from sidecar.metrics import Metrics
 from sidecar.shells.admin import Admin
-from sidecar.shells.crypto import HostKey
 from sidecar.shells.node_http import NodeHttp
 from sidecar.shells.node_ws import NodeWebSocket
 from sidecar.shells.openai_proxy import OpenAIProxy
@@ -51,6 +50,9 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     exchange = Exchange(settings, ledger, metrics, engine, chain)
     host_key = None
     if settings.host_key is not None or settings.host_key_file is not None:
+        # The session cipher's libraries (about 23 MB resident) only for a host with a key.
+        from sidecar.shells.crypto import HostKey
+
         host_key = HostKey(bytes.fromhex(settings.read_host_key()[2:]))
     node_http = NodeHttp(
         exchange,

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -23,8 +23,7 @@ from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_erro
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, parse_job_id, resolve_job_id, safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS
-from sidecar.shells.crypto import HostKey
-from sidecar.shells.headers import receipt_headers
+from sidecar.shells.headers import RECEIPT_REQUEST_HEADER, receipt_headers
 from sidecar.shells.http import abort_client, read_body
 from sidecar.shells.node_protocol import (
     InferenceParams,
@@ -35,6 +34,9 @@ from sidecar.shells.node_protocol import (
     parse_inference,
     to_openai,
 )
+
+if TYPE_CHECKING:  # the cipher's libraries load only on a host with a key (app.py)
+    from sidecar.shells.crypto import HostKey
 
 log = logging.getLogger("sidecar.node")
 
@@ -89,7 +91,8 @@ class NodeHttp:
             await self.check(params, job_id)
             endpoint, body = to_openai(params)
             if not params.stream:
-                return await self._answer(params, endpoint, body, job_id)
+                full_receipt = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
+                return await self._answer(params, endpoint, body, job_id, full_receipt)
             stream = await self.exchange.call_stream(endpoint, body, job_id)
         except SidecarError as exc:
             return to_response(exc)
@@ -121,7 +124,12 @@ class NodeHttp:
         return answer, reply
 
     async def _answer(
-        self, params: InferenceParams, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+        self,
+        params: InferenceParams,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        job_id: int | None,
+        full_receipt: bool,
     ) -> web.Response:
         answer, reply = await self.call(endpoint, body, job_id)
         out: dict[str, Any] = {
@@ -132,7 +140,7 @@ class NodeHttp:
             out["chain_id"] = params.chain_id or self.chain_id
         headers = {
             **receipt_headers(answer.key, answer.max_tokens),
-            **await self.exchange.receipt(answer.call, answer.usage),
+            **await self.exchange.receipt(answer.call, answer.usage, full=full_receipt),
         }
         return web.json_response(out, headers=headers)
 

@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -29,8 +29,6 @@ from sidecar.errors import BadRequest, JobRefused, SidecarError
 from sidecar.exchange import Exchange, MeteredStream
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, safejson
-from sidecar.shells.crypto import HostKey
-from sidecar.shells.node_e2ee import ReplySealer, open_init, open_message
 from sidecar.shells.node_http import NodeHttp
 from sidecar.shells.node_protocol import (
     InferenceParams,
@@ -44,6 +42,10 @@ from sidecar.shells.node_protocol import (
     to_openai,
     usage_json,
 )
+
+if TYPE_CHECKING:  # the cipher's libraries load with the first encrypted session
+    from sidecar.shells.crypto import HostKey
+    from sidecar.shells.node_e2ee import ReplySealer
 
 log = logging.getLogger("sidecar.node")
 
@@ -110,7 +112,9 @@ class _SealedReplies:
     ``final``, then the ``encrypted_response`` holding the finish reason."""
 
     def __init__(self, session_key: bytes) -> None:
-        self.sealer = ReplySealer(session_key)
+        from sidecar.shells.node_e2ee import ReplySealer  # see the TYPE_CHECKING import
+
+        self.sealer: ReplySealer = ReplySealer(session_key)
 
     def chunk(self, text: str) -> dict[str, Any]:
         return self.sealer.chunk(text, tokens=1)
@@ -227,6 +231,8 @@ class NodeWebSocket:
                 "encrypted sessions need the host key (--host-key-file); use session_init",
                 code="ENCRYPTION_NOT_SUPPORTED",
             )
+        from sidecar.shells.node_e2ee import open_init  # see the TYPE_CHECKING import
+
         init = open_init(self.host_key, obj)
         job_id = job_of([("the init's jobId", init.job_id)], [])
         ack = {
@@ -319,6 +325,8 @@ class NodeWebSocket:
                 "encrypted_session_init first",
                 code="SESSION_KEY_NOT_FOUND",
             )
+        from sidecar.shells.node_e2ee import open_message  # see the TYPE_CHECKING import
+
         request = open_message(sock.session_key, obj)
         params = parse_inference(request, default_stream=True)
         if not params.stream:

@@ -117,13 +117,16 @@ class OpenAIProxy:
         async with upstream:
             if upstream.is_event_stream:
                 return await self._stream(request, upstream, call, prepared)
-            return await self._answer(upstream, call)
+            return await self._answer(request, upstream, call)
 
-    async def _answer(self, upstream: EngineResponse, call: Call) -> web.Response:
+    async def _answer(
+        self, request: web.Request, upstream: EngineResponse, call: Call
+    ) -> web.Response:
         answer = await self.exchange.answer(call, upstream)
         headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
         headers.update(receipt_headers(call.key, call.max_tokens))
-        headers.update(await self.exchange.receipt(call, answer.usage))
+        full = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
+        headers.update(await self.exchange.receipt(call, answer.usage, full=full))
         return web.Response(
             status=upstream.status, reason=upstream.reason, body=answer.body, headers=headers
         )

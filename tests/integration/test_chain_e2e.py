@@ -253,7 +253,8 @@ async def test_receipts_on_json_answers_and_asked_for_streams(
     job, sidecar = await sidecar_for_tokens(llama_server, devnet, sidecar_factory, tmp_path, 1000)
     async with aiohttp.ClientSession() as http:
         body = {"prompt": "x", "max_tokens": 7, "job_id": job}
-        async with http.post(f"{sidecar.url}/v1/completions", json=body) as resp:
+        ask = {"X-Sidecar-Receipt": "1"}
+        async with http.post(f"{sidecar.url}/v1/completions", json=body, headers=ask) as resp:
             assert resp.status == 200
             receipt = {
                 k: v
@@ -266,6 +267,10 @@ async def test_receipts_on_json_answers_and_asked_for_streams(
             "X-Sidecar-Job-Tokens": "7",
             "X-Sidecar-Deposit-Left": "993",
         }
+        async with http.post(f"{sidecar.url}/v1/completions", json=body) as resp:
+            plain = {k for k in resp.headers if k.startswith("X-Sidecar-")}
+        # Unasked: the job and this answer only (the job's total costs a ledger read).
+        assert plain == {"X-Sidecar-Request-Id", "X-Sidecar-Job", "X-Sidecar-Tokens"}
         stream_body = {**body, "max_tokens": 5, "stream": True}
         headers = {"X-Sidecar-Receipt": "1"}
         async with http.post(
@@ -275,8 +280,8 @@ async def test_receipts_on_json_answers_and_asked_for_streams(
         expected = {
             "X-Sidecar-Job": str(job),
             "X-Sidecar-Tokens": "5",
-            "X-Sidecar-Job-Tokens": "12",
-            "X-Sidecar-Deposit-Left": "988",
+            "X-Sidecar-Job-Tokens": "19",
+            "X-Sidecar-Deposit-Left": "981",
         }
         line = b": sidecar-receipt " + json.dumps(expected, separators=(",", ":")).encode()
         assert line + b"\n\n" in raw, raw[-300:]

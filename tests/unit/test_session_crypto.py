@@ -174,3 +174,15 @@ def test_any_single_bit_flip_is_refused(plaintext: bytes, position: int) -> None
     flipped[position % len(box)] ^= 1 << (position % 8)
     with pytest.raises(DecryptionFailed):
         crypto.open_box(SESSION_KEY, nonce, bytes(flipped), b"chunk_0")
+
+
+def test_a_host_without_a_key_never_loads_the_cipher() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sidecar.app; "
+        "print([m for m in ('coincurve', 'nacl', 'cryptography') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
