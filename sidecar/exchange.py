@@ -276,7 +276,7 @@ class Exchange:
             )
             raise LedgerUnavailable() from exc
         self.metrics.ledger_write_latency.observe(time.perf_counter() - started)
-        self.committed(record)
+        self._count(record)
 
     def persist_progress(self, record: UsageRecord) -> None:
         """An OPEN record of a running stream: written without waiting for the commit."""
@@ -287,9 +287,10 @@ class Exchange:
         ledger's writer commits it regardless."""
         self.ledger.submit(record).add_done_callback(_log_failed_write)
         if count:
-            self.committed(record)
+            self._count(record)
 
-    def committed(self, record: UsageRecord) -> None:
+    def _count(self, record: UsageRecord) -> None:
+        """A finished record: counted in the metrics, and the chain service told."""
         self.metrics.count_response(
             record.endpoint,
             record.status,

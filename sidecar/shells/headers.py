@@ -26,7 +26,8 @@ HOP_BY_HOP = frozenset(
 JOB_HEADERS = ("X-Job-Id", "X-Session-Id")
 # The record's idempotency key, on every metered answer.
 REQUEST_ID_HEADER = "X-Sidecar-Request-Id"
-# Set when the request's max_tokens was lowered to what the job's deposit still covers.
+# Set when admission bounded the request's max_tokens: lowered to what the job's deposit still
+# covers, or written in (--default-max-tokens) for a request that named none.
 MAX_TOKENS_HEADER = "X-Sidecar-Max-Tokens"
 
 # A client's request for a stream's receipt (an SSE comment before [DONE]); never forwarded.
@@ -54,9 +55,9 @@ def forwardable_headers(headers: MultiMapping[str], drop: Iterable[str] = ()) ->
     return out
 
 
-def receipt_headers(key: str, max_tokens: int | None) -> Mapping[str, str]:
-    """The sidecar's headers on a metered answer: its record's key, and the lowered
-    ``max_tokens`` when admission lowered it."""
+def call_headers(key: str, max_tokens: int | None) -> Mapping[str, str]:
+    """The sidecar's headers on every metered answer: its record's key, and ``max_tokens`` when
+    admission bounded it (the receipt, :meth:`sidecar.exchange.Exchange.receipt`, comes on top)."""
     if max_tokens is None:
         return {REQUEST_ID_HEADER: key}
     return {REQUEST_ID_HEADER: key, MAX_TOKENS_HEADER: str(max_tokens)}

@@ -23,7 +23,7 @@ from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_erro
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, parse_job_id, resolve_job_id, safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS
-from sidecar.shells.headers import RECEIPT_REQUEST_HEADER, receipt_headers
+from sidecar.shells.headers import RECEIPT_REQUEST_HEADER, call_headers
 from sidecar.shells.http import abort_client, read_body
 from sidecar.shells.node_protocol import (
     InferenceParams,
@@ -139,14 +139,14 @@ class NodeHttp:
         if params.chain_id is not None or self.chain_id is not None:
             out["chain_id"] = params.chain_id or self.chain_id
         headers = {
-            **receipt_headers(answer.key, answer.max_tokens),
+            **call_headers(answer.key, answer.max_tokens),
             **await self.exchange.receipt(answer.call, answer.usage, full=full_receipt),
         }
         return web.json_response(out, headers=headers)
 
     async def _stream(self, request: web.Request, stream: MeteredStream) -> web.StreamResponse:
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        headers.update(receipt_headers(stream.key, stream.max_tokens))
+        headers.update(call_headers(stream.key, stream.max_tokens))
         response = web.StreamResponse(headers=headers)
         finish = "stop"
         try:

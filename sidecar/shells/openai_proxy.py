@@ -31,8 +31,8 @@ from sidecar.shells.headers import (
     RECEIPT_REQUEST_HEADER,
     REQUEST_DROP,
     RESPONSE_DROP,
+    call_headers,
     forwardable_headers,
-    receipt_headers,
 )
 from sidecar.shells.http import abort_client, read_body
 
@@ -124,7 +124,7 @@ class OpenAIProxy:
     ) -> web.Response:
         answer = await self.exchange.answer(call, upstream)
         headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
-        headers.update(receipt_headers(call.key, call.max_tokens))
+        headers.update(call_headers(call.key, call.max_tokens))
         full = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
         headers.update(await self.exchange.receipt(call, answer.usage, full=full))
         return web.Response(
@@ -145,7 +145,7 @@ class OpenAIProxy:
             with_receipt=request.headers.get(RECEIPT_REQUEST_HEADER) == "1",
         )
         headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
-        headers.update(receipt_headers(call.key, call.max_tokens))
+        headers.update(call_headers(call.key, call.max_tokens))
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
