@@ -12,9 +12,11 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from sidecar.auth import SessionAuth, TokenScope
 from sidecar.config import Settings
 from sidecar.engine import EngineClient
 from sidecar.exchange import Exchange
@@ -26,7 +28,13 @@ from sidecar.shells.node_http import NodeHttp
 from sidecar.shells.node_ws import NodeWebSocket
 from sidecar.shells.openai_proxy import OpenAIProxy
 
+if TYPE_CHECKING:  # loaded only when a chain or a host key is configured
+    from sidecar.chain.service import ChainService
+    from sidecar.crypto import HostKey
+
 log = logging.getLogger("sidecar")
+
+ZERO_ADDRESS = "0x" + "00" * 20
 
 LEDGER_KEY = web.AppKey("ledger", Ledger)
 EXCHANGE_KEY = web.AppKey("exchange", Exchange)
@@ -47,13 +55,14 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     engine = EngineClient(
         settings.upstream, metrics, connect_timeout=settings.upstream_connect_timeout
     )
-    exchange = Exchange(settings, ledger, metrics, engine, chain)
     host_key = None
     if settings.host_key is not None or settings.host_key_file is not None:
         # The session cipher's libraries (about 23 MB resident) only for a host with a key.
-        from sidecar.shells.crypto import HostKey
+        from sidecar.crypto import HostKey
 
         host_key = HostKey(bytes.fromhex(settings.read_host_key()[2:]))
+    auth = session_auth(settings, ledger, chain, host_key)
+    exchange = Exchange(settings, ledger, metrics, engine, chain, auth)
     node_http = NodeHttp(
         exchange,
         engine,
@@ -104,6 +113,29 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def session_auth(
+    settings: Settings, ledger: Ledger, chain: ChainService | None, host_key: HostKey | None
+) -> SessionAuth | None:
+    """``--session-auth``: None when anyone naming a job may use it."""
+    mode = settings.session_auth_mode
+    if mode == "none":
+        return None
+    scope = TokenScope(
+        chain_id=settings.chain_id or 0,
+        marketplace=(settings.marketplace or ZERO_ADDRESS).lower(),
+        host=host_key.address if host_key is not None else ZERO_ADDRESS,
+    )
+    depositor_of = None
+    if chain is not None:
+        service = chain
+
+        def depositor_of(job_id: int) -> str | None:
+            view = service.view(job_id)  # read by the admission that comes first
+            return None if view is None or not view.exists else view.requester
+
+    return SessionAuth(mode, ledger, scope, depositor_of)
 
 
 def make_runner(app: web.Application) -> web.AppRunner:

@@ -26,6 +26,7 @@ from sidecar.metering.dialects import ENGINE_NAMES
 ENV_PREFIX = "SIDECAR_"
 
 BILL_CHOICES = ("completion", "total")
+SESSION_AUTH_CHOICES = ("none", "bound", "depositor")
 
 
 def default_ledger_url() -> str:
@@ -135,6 +136,25 @@ class Settings:
         "settle a session after this many seconds without requests (0: never automatically)",
         metavar="SECONDS",
     )
+    session_auth: str | None = _opt(
+        None,
+        "who may use a job: none (whoever names it), bound (the first authenticated client, "
+        "an encrypted session's signer or a job token's; then only it), depositor (the job's "
+        "depositor on-chain only). Default: bound with a chain, none without",
+        choices=SESSION_AUTH_CHOICES,
+    )
+    model: tuple[str, ...] = _opt(
+        (),
+        "a marketplace model name this host serves, NAME or NAME=ENGINE_MODEL (repeatable; "
+        "comma-separated in the environment). Default: the engine's own model names",
+        metavar="NAME[=ENGINE_MODEL]",
+    )
+    context_window: int = _opt(
+        0,
+        "the engine's context window in tokens, reported to marketplace clients (0: read it "
+        "from the engine where it tells it)",
+        metavar="TOKENS",
+    )
     default_max_tokens: int = _opt(
         4096,
         "with a chain: the max_tokens written into a request for a job that names none, and so "
@@ -162,6 +182,22 @@ class Settings:
             where = self.host_key_file if self.host_key is None else "SIDECAR_HOST_KEY"
             raise ConfigError(f"the host key in {where} is not 32 bytes of hex")
         return "0x" + key.lower()
+
+    @property
+    def session_auth_mode(self) -> str:
+        """``--session-auth``, its default resolved: bound with a chain, none without."""
+        if self.session_auth is not None:
+            return self.session_auth
+        return "bound" if self.rpc_url else "none"
+
+    @property
+    def model_names(self) -> dict[str, str]:
+        """``--model``: each marketplace name -> the engine's model it is served by."""
+        names: dict[str, str] = {}
+        for entry in self.model:
+            name, _, engine_model = entry.partition("=")
+            names[name.strip()] = engine_model.strip() or name.strip()
+        return names
 
     @property
     def ledger_url(self) -> str:
@@ -199,6 +235,8 @@ def redact_url(url: str) -> str:
 
 def _field_type(f: Any) -> type:
     annotation = str(f.type)
+    if annotation.startswith("tuple"):
+        return tuple
     if annotation.startswith("bool"):
         return bool
     if annotation.startswith("int"):
@@ -224,6 +262,12 @@ def _coerce(name: str, raw: Any, kind: type, origin: str) -> Any:
             return int(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} from {origin}: expected an integer, got {raw!r}") from None
+    if kind is tuple:
+        # The environment says "a,b"; a TOML file says ["a", "b"] (or "a,b").
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{name} from {origin}: expected a list of strings, got {raw!r}")
+        return tuple(i.strip() for i in items if i.strip())
     if not isinstance(raw, str):
         raise ConfigError(f"{name} from {origin}: expected a string, got {raw!r}")
     return raw
@@ -255,6 +299,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
+        elif kind is tuple:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action="append",
+                default=argparse.SUPPRESS,
+                metavar=f.metadata.get("metavar"),
+                help=help_text,
+            )
         else:
             parser.add_argument(
                 flag,
@@ -283,7 +336,8 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
 
     for f in fields(Settings):
         if f.name in flags and flags[f.name] is not None:
-            values[f.name] = flags[f.name]
+            value = flags[f.name]
+            values[f.name] = tuple(value) if _field_type(f) is tuple else value
 
     settings = replace(Settings(), **values)
     _validate(settings)
@@ -312,7 +366,8 @@ def _validate(settings: Settings) -> None:
     settings.listen_host_port  # noqa: B018 - raises ConfigError when malformed
     for f in fields(Settings):
         choices = f.metadata.get("choices")
-        if choices and getattr(settings, f.name) not in choices:
+        value = getattr(settings, f.name)
+        if choices and value is not None and value not in choices:
             raise ConfigError(
                 f"{f.name} must be one of {', '.join(choices)}; got {getattr(settings, f.name)!r}"
             )
@@ -342,6 +397,16 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(
             f"--checkpoint-tokens must be at least {MIN_CLAIM_TOKENS} (the contract's minimum)"
         )
+    for entry in settings.model:
+        name, sep, engine_model = entry.partition("=")
+        if not name.strip() or (sep and not engine_model.strip()):
+            raise ConfigError(f"--model must be NAME or NAME=ENGINE_MODEL, got {entry!r}")
+    if len(settings.model_names) != len(settings.model):
+        raise ConfigError("--model names a model twice")
+    if settings.context_window < 0:
+        raise ConfigError("--context-window must not be negative")
+    if settings.session_auth == "depositor" and not settings.rpc_url:
+        raise ConfigError("--session-auth depositor needs the chain (--rpc-url)")
     if settings.default_max_tokens < 1:
         raise ConfigError("--default-max-tokens must be at least 1")
     if settings.dispute_window < 0 or settings.settle_after_idle < 0:

@@ -36,6 +36,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sidecar.auth import Requester, SessionAuth
 from sidecar.config import Settings
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
 from sidecar.ledger import Ledger, RecordState, UsageRecord
@@ -174,8 +175,10 @@ class Exchange:
         metrics: Metrics,
         engine: Engine,
         chain: JobGate | None = None,
+        auth: SessionAuth | None = None,
     ) -> None:
         self.ledger = ledger
+        self.auth = auth  # who may use a job (--session-auth); None: whoever names it
         self.metrics = metrics
         self.engine = engine
         self.chain = chain
@@ -203,20 +206,38 @@ class Exchange:
         self.metrics.rejected.labels(error.code).inc()
         return error
 
-    async def admit_job(self, job_id: int) -> int | None:
-        """The tokens the job may still be served (None: no chain, so no limit), or
-        :class:`~sidecar.errors.JobRefused` (counted)."""
-        if self.chain is None:
+    def requester_from_bearer(self, authorization: str | None, job_id: int) -> Requester | None:
+        """Who an ``Authorization: Bearer <job token>`` proves the client is (None: no job
+        token, or no --session-auth); a token that does not hold is refused (counted)."""
+        if self.auth is None:
             return None
         try:
-            return await self.chain.admit(job_id)
+            return self.auth.requester_from_bearer(authorization, job_id)
         except JobRefused as exc:
             raise self.refused(exc) from None
 
-    async def admit(self, endpoint: Endpoint, job_id: int | None, body: bytes) -> Admission:
-        """Ask the chain whether the job may be served; lower ``max_tokens`` to its budget.
-        Raises :class:`~sidecar.errors.JobRefused` (counted)."""
-        left = None if job_id is None else await self.admit_job(job_id)
+    async def admit_job(self, job_id: int, requester: Requester | None = None) -> int | None:
+        """The tokens the job may still be served to ``requester`` (None: no chain, so no
+        limit), or :class:`~sidecar.errors.JobRefused` (counted). The chain is asked first, so
+        a made-up job is refused before it could be bound to anyone."""
+        try:
+            left = None if self.chain is None else await self.chain.admit(job_id)
+            if self.auth is not None:
+                await self.auth.authorize(job_id, requester)
+        except JobRefused as exc:
+            raise self.refused(exc) from None
+        return left
+
+    async def admit(
+        self,
+        endpoint: Endpoint,
+        job_id: int | None,
+        body: bytes,
+        requester: Requester | None = None,
+    ) -> Admission:
+        """Ask the chain whether the job may be served (to ``requester``); lower
+        ``max_tokens`` to its budget. Raises :class:`~sidecar.errors.JobRefused` (counted)."""
+        left = None if job_id is None else await self.admit_job(job_id, requester)
         if left is None or job_id is None or endpoint is Endpoint.EMBEDDINGS:
             return Admission(body)
         available = left - self.reservations.held(job_id)
@@ -385,21 +406,29 @@ class Exchange:
     # -- calls for shells that speak another API (the node's HTTP and WebSocket) -------------
 
     async def call_json(
-        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        job_id: int | None,
+        requester: Requester | None = None,
     ) -> MeteredAnswer:
         """One non-stream OpenAI request to the engine, metered like the OpenAI routes; its
         record is committed when this returns."""
-        call, reply = await self._send(endpoint, body, job_id, stream=False)
+        call, reply = await self._send(endpoint, body, job_id, requester, stream=False)
         async with _released(reply):
             return await self.answer(call, reply)
 
     async def call_stream(
-        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        job_id: int | None,
+        requester: Requester | None = None,
     ) -> MeteredStream:
         """Start one streamed OpenAI request; iterate :meth:`MeteredStream.events`. An engine
         that answers with an error instead of a stream is an :class:`UpstreamError` (recorded
         with zero tokens)."""
-        call, reply = await self._send(endpoint, body, job_id, stream=True)
+        call, reply = await self._send(endpoint, body, job_id, requester, stream=True)
         if not reply.is_event_stream:
             async with _released(reply):
                 try:
@@ -413,12 +442,18 @@ class Exchange:
         return self.stream(call, reply)
 
     async def _send(
-        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None, *, stream: bool
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        job_id: int | None,
+        requester: Requester | None,
+        *,
+        stream: bool,
     ) -> tuple[Call, EngineReply]:
         payload = dict(body, stream=stream)
         if stream and self.inject_include_usage and endpoint is not Endpoint.EMBEDDINGS:
             payload["stream_options"] = {"include_usage": True}
-        admission = await self.admit(endpoint, job_id, json.dumps(payload).encode())
+        admission = await self.admit(endpoint, job_id, json.dumps(payload).encode(), requester)
         model = body.get("model")
         call = self.start(endpoint, job_id, model if type(model) is str else None, admission)
         sent_at = time.perf_counter()

@@ -238,3 +238,14 @@ class Ledger(ABC):
     @abstractmethod
     async def unfinished_claims(self) -> list[Claim]:
         """Rows the sender still owes an outcome (pending or sent), in (job, seq) order."""
+
+    # -- who may use a job (--session-auth bound) ------------------------------------------
+
+    @abstractmethod
+    async def bind_job(self, job_id: int, address: str, proof: str, now_ms: int) -> str:
+        """Bind ``job_id`` to ``address`` unless it is bound already; return the address it is
+        bound to (the first binding wins, durably, across restarts and replicas)."""
+
+    @abstractmethod
+    async def binding(self, job_id: int) -> str | None:
+        """The address ``job_id`` is bound to, or None."""

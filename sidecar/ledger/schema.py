@@ -71,6 +71,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX claims_unfinished ON claims (state) WHERE state IN ('pending', 'sent')",
     ),
+    # 3: which client each job is bound to (--session-auth bound): the first one wins.
+    (
+        """
+        CREATE TABLE job_bindings (
+            job_id    TEXT    PRIMARY KEY CHECK (
+                length(job_id) BETWEEN 1 AND 78
+                AND job_id NOT GLOB '*[^0-9]*'
+                AND (job_id = '0' OR job_id NOT GLOB '0*')
+            ),
+            address   TEXT    NOT NULL CHECK (length(address) = 42 AND address GLOB '0x*'),
+            proof     TEXT    NOT NULL,
+            bound_ms  INTEGER NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -552,6 +552,36 @@ class SQLiteLedger(Ledger):
         rows = await self._read(lambda conn: conn.execute(_UNFINISHED_CLAIMS).fetchall())
         return [_claim_from_row(row) for row in rows]
 
+    # -- job bindings ----------------------------------------------------------------------
+
+    async def bind_job(self, job_id: int, address: str, proof: str, now_ms: int) -> str:
+        params = (_job_text(job_id), address.lower(), proof, operator.index(now_ms))
+        bound: list[str] = []
+
+        def bind(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    "INSERT INTO job_bindings (job_id, address, proof, bound_ms)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+                    params,
+                )
+                row = conn.execute(
+                    "SELECT address FROM job_bindings WHERE job_id = ?", (params[0],)
+                ).fetchone()
+            bound.append(str(row[0]))
+
+        await self._write_claims(bind)
+        return bound[0]
+
+    async def binding(self, job_id: int) -> str | None:
+        job_text = _job_text(job_id)
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT address FROM job_bindings WHERE job_id = ?", (job_text,)
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
     async def _write_claims(self, op: Callable[[sqlite3.Connection], None]) -> None:
         executor, conn = self._claims, self._claims_conn
         if executor is None or conn is None:

@@ -41,6 +41,18 @@ METERED_REQUEST_DROP = REQUEST_DROP | {"accept-encoding"}
 RESPONSE_DROP = frozenset({"content-length"})
 
 
+JOB_TOKEN_BEARER = "bearer sjt1."  # sidecar.auth.tokens.TOKEN_PREFIX after "Bearer "
+
+
+def without_job_token(drop: frozenset[str], headers: MultiMapping[str]) -> frozenset[str]:
+    """``drop`` plus Authorization when it holds a job token: the token is the sidecar's, and
+    the engine would take it for a wrong API key."""
+    value = headers.get("Authorization")
+    if value is not None and value[: len(JOB_TOKEN_BEARER)].lower() == JOB_TOKEN_BEARER:
+        return drop | {"authorization"}
+    return drop
+
+
 def forwardable_headers(headers: MultiMapping[str], drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """Copy headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
     out: CIMultiDict[str] = CIMultiDict()

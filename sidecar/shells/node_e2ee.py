@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar import crypto
+from sidecar.crypto import HostKey, SessionCryptoError
 from sidecar.errors import BadRequest
 from sidecar.metering import safejson
-from sidecar.shells import crypto
-from sidecar.shells.crypto import HostKey, SessionCryptoError
 
 # The defaults the node applies to an encrypted prompt's missing fields (§1.5).
 DEFAULT_MAX_TOKENS = 4000

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.auth import Requester
 from sidecar.engine import EngineClient, EngineHealth
 from sidecar.errors import BadRequest, SidecarError, UpstreamError, to_response
 from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_error_message
@@ -36,7 +37,7 @@ from sidecar.shells.node_protocol import (
 )
 
 if TYPE_CHECKING:  # the cipher's libraries load only on a host with a key (app.py)
-    from sidecar.shells.crypto import HostKey
+    from sidecar.crypto import HostKey
 
 log = logging.getLogger("sidecar.node")
 
@@ -89,11 +90,17 @@ class NodeHttp:
             except InvalidJobId as exc:
                 raise BadRequest(str(exc), code="invalid_job_id", param="job_id") from None
             await self.check(params, job_id)
+            requester = None
+            if job_id is not None:
+                authorization = request.headers.get("Authorization")
+                requester = self.exchange.requester_from_bearer(authorization, job_id)
             endpoint, body = to_openai(params)
             if not params.stream:
                 full_receipt = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
-                return await self._answer(params, endpoint, body, job_id, full_receipt)
-            stream = await self.exchange.call_stream(endpoint, body, job_id)
+                return await self._answer(
+                    params, endpoint, body, job_id, requester, full_receipt=full_receipt
+                )
+            stream = await self.exchange.call_stream(endpoint, body, job_id, requester)
         except SidecarError as exc:
             return to_response(exc)
         return await self._stream(request, stream)
@@ -109,11 +116,15 @@ class NodeHttp:
         return obj
 
     async def call(
-        self, endpoint: Endpoint, body: dict[str, Any], job_id: int | None
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        job_id: int | None,
+        requester: Requester | None,
     ) -> tuple[MeteredAnswer, dict[str, Any]]:
         """One metered non-stream call, and the engine's JSON answer; an engine that answered
         with an error (or not with a JSON object) is an :class:`UpstreamError`."""
-        answer = await self.exchange.call_json(endpoint, body, job_id)
+        answer = await self.exchange.call_json(endpoint, body, job_id, requester)
         try:
             reply = json.loads(answer.body)
         except ValueError:
@@ -129,9 +140,11 @@ class NodeHttp:
         endpoint: Endpoint,
         body: dict[str, Any],
         job_id: int | None,
+        requester: Requester | None,
+        *,
         full_receipt: bool,
     ) -> web.Response:
-        answer, reply = await self.call(endpoint, body, job_id)
+        answer, reply = await self.call(endpoint, body, job_id, requester)
         out: dict[str, Any] = {
             "model": params.model or reply.get("model"),
             **answer_fields(reply, answer.usage, params.request_id or answer.key),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from sidecar.auth import Requester
 from sidecar.errors import BadRequest, JobRefused, SidecarError
 from sidecar.exchange import Exchange, MeteredStream
 from sidecar.ledger import Ledger
@@ -44,7 +45,7 @@ from sidecar.shells.node_protocol import (
 )
 
 if TYPE_CHECKING:  # the cipher's libraries load with the first encrypted session
-    from sidecar.shells.crypto import HostKey
+    from sidecar.crypto import HostKey
     from sidecar.shells.node_e2ee import ReplySealer
 
 log = logging.getLogger("sidecar.node")
@@ -77,7 +78,7 @@ class _Socket:
     chain_id: int | None = None
     generation: _Generation = field(default_factory=_Generation)
     session_key: bytes | None = field(default=None, repr=False)  # the last encrypted init's
-    client_address: str | None = None  # who signed the last encrypted init
+    requester: Requester | None = None  # who signed the last encrypted init
 
     async def send(self, message: dict[str, Any]) -> None:
         if not self.ws.closed:
@@ -220,7 +221,7 @@ class NodeWebSocket:
             [("session_id", session_id)],
         )
         ack = {"message": "Session initialized successfully"}
-        return await self._open_session(sock, obj, job_id, ack)
+        return await self._open_session(sock, obj, job_id, None, ack)
 
     async def _encrypted_session_init(self, sock: _Socket, obj: dict[str, Any]) -> bool:
         """The SDK's default: the session key in a box to the host key, sent again before every
@@ -239,14 +240,20 @@ class NodeWebSocket:
             "client_address": init.client_address,
             "message": "Encrypted session initialized successfully",
         }
-        if not await self._open_session(sock, obj, job_id, ack):
+        requester = Requester(init.client_address, "encrypted session")
+        if not await self._open_session(sock, obj, job_id, requester, ack):
             return False
         sock.session_key = init.session_key
-        sock.client_address = init.client_address
+        sock.requester = requester
         return True
 
     async def _open_session(
-        self, sock: _Socket, obj: dict[str, Any], job_id: int | None, ack_fields: dict[str, str]
+        self,
+        sock: _Socket,
+        obj: dict[str, Any],
+        job_id: int | None,
+        requester: Requester | None,
+        ack_fields: dict[str, str],
     ) -> bool:
         """Admit the session's job and acknowledge; False when the job is refused (the socket
         is then closed, as this host must not serve it)."""
@@ -259,7 +266,7 @@ class NodeWebSocket:
         await self.http.check(InferenceParams("-", 1, 0.0, False, chain_id=chain_id), job_id)
         if job_id is not None:
             try:
-                await self.exchange.admit_job(job_id)
+                await self.exchange.admit_job(job_id, requester)
             except JobRefused as exc:
                 await sock.send({**exc.socket_message(), **sock.echo(obj)})
                 await sock.ws.close(code=close_code(exc.status), message=exc.code.encode())
@@ -370,7 +377,9 @@ class NodeWebSocket:
             if not params.stream:
                 await self._respond(sock, params, endpoint, body, job_id, echo)
                 return
-            generation.stream = await self.exchange.call_stream(endpoint, body, job_id)
+            generation.stream = await self.exchange.call_stream(
+                endpoint, body, job_id, sock.requester
+            )
             await self._relay_stream(sock, generation.stream, job_id, echo, replies)
         except SidecarError as exc:
             with contextlib.suppress(ConnectionError):
@@ -388,7 +397,7 @@ class NodeWebSocket:
         job_id: int | None,
         echo: dict[str, Any],
     ) -> None:
-        answer, reply = await self.http.call(endpoint, body, job_id)
+        answer, reply = await self.http.call(endpoint, body, job_id, sock.requester)
         message: dict[str, Any] = {
             "type": "response",
             **answer_fields(reply, answer.usage, params.request_id or answer.key),

@@ -33,6 +33,7 @@ from sidecar.shells.headers import (
     RESPONSE_DROP,
     call_headers,
     forwardable_headers,
+    without_job_token,
 )
 from sidecar.shells.http import abort_client, read_body
 
@@ -64,7 +65,9 @@ class OpenAIProxy:
     # -- plain relay (unmetered routes) ----------------------------------------------------
 
     async def _relay(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        headers = forwardable_headers(request.headers, REQUEST_DROP)
+        headers = forwardable_headers(
+            request.headers, without_job_token(REQUEST_DROP, request.headers)
+        )
         upstream = await self.engine.request(request.method, request.raw_path, body, headers)
         async with upstream:
             response = web.StreamResponse(
@@ -102,10 +105,15 @@ class OpenAIProxy:
         exchange = self.exchange
         prepared = self._prepare(endpoint, body, request)
         exchange.check_job_named(prepared.job_id, JOB_HINT)
-        admission = await exchange.admit(endpoint, prepared.job_id, prepared.body)
+        requester = None
+        if prepared.job_id is not None:
+            authorization = request.headers.get("Authorization")
+            requester = exchange.requester_from_bearer(authorization, prepared.job_id)
+        admission = await exchange.admit(endpoint, prepared.job_id, prepared.body, requester)
         call = exchange.start(endpoint, prepared.job_id, prepared.model, admission)
         sent_at = time.perf_counter()
-        headers = forwardable_headers(request.headers, METERED_REQUEST_DROP)
+        drop = without_job_token(METERED_REQUEST_DROP, request.headers)
+        headers = forwardable_headers(request.headers, drop)
         try:
             upstream = await self.engine.request(
                 request.method, request.raw_path, admission.body, headers

@@ -11,6 +11,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from sidecar.ledger import ClaimKind, ClaimState, RecordState
+from tests.support.tokens import job_token
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +25,10 @@ async def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def generate(url: str, job: int, sizes: list[int]) -> None:
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+async def generate(url: str, job: int, sizes: list[int], token: str = "none") -> None:
+    """Completions of ``sizes`` tokens for ``job``; ``token`` is the client's API key (a job
+    token where the sidecar binds jobs to their clients)."""
+    client = AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
     for n in sizes:
         answer = await client.completions.create(
             model="tiny", prompt="tell me", max_tokens=n, extra_body={"job_id": job}
@@ -33,8 +36,11 @@ async def generate(url: str, job: int, sizes: list[int]) -> None:
         assert answer.usage is not None and answer.usage.completion_tokens == n
 
 
-def chain_options(devnet, deployment, key_file) -> dict:
+def chain_options(devnet, deployment, key_file, session_auth: str = "none") -> dict:
+    """The sidecar's chain settings. Jobs are open to whoever names them unless a test is
+    about who may use them (``session_auth="bound"``, the default of ``sidecar serve``)."""
     return {
+        "session_auth": session_auth,
         "rpc_url": devnet.rpc_url,
         "chain_id": devnet.chain_id,
         "marketplace": deployment.marketplace,
@@ -61,12 +67,12 @@ async def test_v1_claims_and_settles_exactly(llama_server, devnet, sidecar_facto
     job = devnet.create_session_job(deployment)
     before = devnet.session_job(deployment, job)
     key_file = devnet.write_host_key_file(tmp_path / "host.key")
-    sidecar = await sidecar_factory(
-        llama_server.base_url, **chain_options(devnet, deployment, key_file)
-    )
+    options = chain_options(devnet, deployment, key_file, session_auth="bound")
+    sidecar = await sidecar_factory(llama_server.base_url, **options)
     devnet.increase_time(60)  # the rate cap (20 tokens/s since the start) allows 1,200
     devnet.mine()
-    await generate(sidecar.url, job, [250])  # one claim of 250 billable tokens
+    token = job_token(devnet, deployment, job)  # the depositor's: its client binds the job
+    await generate(sidecar.url, job, [250], token)  # one claim of 250 billable tokens
 
     async def confirmed() -> int:
         claims = await sidecar.ledger.claims(job)
@@ -75,7 +81,7 @@ async def test_v1_claims_and_settles_exactly(llama_server, devnet, sidecar_facto
     assert await wait_for(confirmed, what="the claims of 250 tokens") == 250
     assert devnet.session_job(deployment, job)["tokensUsed"] == 250
 
-    await generate(sidecar.url, job, [42])  # a remainder under the contract's minimum
+    await generate(sidecar.url, job, [42], token)  # a remainder under the contract's minimum
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{sidecar.url}/sidecar/jobs/{job}/settle") as resp:
             assert resp.status == 202

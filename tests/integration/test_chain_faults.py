@@ -11,9 +11,12 @@ import sqlite3
 import aiohttp
 import pytest
 
+from eth_account import Account
+
 from sidecar.ledger import ClaimKind, ClaimState
 from tests.integration.test_chain_e2e import chain_options, generate, wait_for
 from tests.support.sidecar import SidecarProcess
+from tests.support.tokens import job_token
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +37,11 @@ async def test_kill_9_between_send_and_receipt_pays_once(llama_server, devnet, t
     key_file = devnet.write_host_key_file(tmp_path / "host.key")
     ledger_path = tmp_path / "ledger.db"
     options = chain_options(devnet, deployment, key_file)
+    del options["session_auth"]  # sidecar serve's default with a chain: bound
     args = [item for k, v in options.items() for item in (f"--{k.replace('_', '-')}", str(v))]
+    # The client's own key (not the depositor's) binds the job; the binding outlives the process.
+    client_key = Account.create()
+    token = job_token(devnet, deployment, job, signer=client_key)
     devnet.increase_time(60)
     devnet.mine()
     devnet.rpc("evm_setAutomine", [False])  # the claim will wait in the mempool
@@ -42,7 +49,7 @@ async def test_kill_9_between_send_and_receipt_pays_once(llama_server, devnet, t
         first = SidecarProcess(llama_server.base_url, ledger_path, tmp_path / "s1.log", *args)
         try:
             await first.wait_ready()
-            await generate(first.url, job, [180])
+            await generate(first.url, job, [180], token)
 
             async def sent() -> bool:
                 return any(row[4] == "sent" and row[5] for row in claims_in(ledger_path))
@@ -63,11 +70,25 @@ async def test_kill_9_between_send_and_receipt_pays_once(llama_server, devnet, t
             return [row[4] for row in claims_in(ledger_path)] == ["confirmed"]
 
         await wait_for(confirmed, what="the claim confirmed after the restart")
+        stranger = job_token(devnet, deployment, job, signer=devnet.stranger)
+        async with aiohttp.ClientSession() as http:
+            for key, status in ((stranger, 403), (token, 200)):
+                async with http.post(
+                    f"{second.url}/v1/completions",
+                    json={"prompt": "x", "max_tokens": 2, "job_id": job},
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as resp:
+                    assert resp.status == status, await resp.text()
+                    if status == 403:
+                        body = await resp.json()
+                        assert body["error"]["code"] == "job_bound_to_another_client"
     finally:
         assert second.stop() == 0
     assert devnet.session_job(deployment, job)["tokensUsed"] == 180
     [(_, seq, kind, tokens, state, tx_hash)] = claims_in(ledger_path)
     assert (seq, kind, tokens, state) == (1, "proof", 180, "confirmed") and tx_hash
+    binding = sqlite3.connect(ledger_path).execute("SELECT address, proof FROM job_bindings")
+    assert binding.fetchall() == [(client_key.address.lower(), "job token")]
 
 
 async def test_a_dropped_transaction_is_resent_with_the_same_proof(

@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sidecar import crypto
+from sidecar.crypto import HostKey
 from sidecar.ledger import RecordState
-from sidecar.shells import crypto
-from sidecar.shells.crypto import HostKey
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.shells import crypto
-from sidecar.shells.crypto import DecryptionFailed, HostKey, SessionCryptoError
+from sidecar import crypto
+from sidecar.crypto import DecryptionFailed, HostKey, SessionCryptoError
 
 V = json.loads((Path(__file__).parents[1] / "fixtures" / "vectors" / "e2ee.json").read_text())
 
