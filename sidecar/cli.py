@@ -23,6 +23,7 @@ from sidecar.errors import ChainCheckError
 from sidecar.jobs_table import format_jobs_table
 from sidecar.ledger import Claim, JobTotals, claim_totals, open_ledger
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
+from sidecar.token_command import add_token_parser, run_token
 
 log = logging.getLogger("sidecar")
 
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     settle.add_argument("job", help="the job id (e.g. 164 or 164n)")
     add_arguments(settle)
 
+    add_token_parser(commands)
+
     commands.add_parser(
         "devnet",
         allow_abbrev=False,
@@ -129,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "settle":
             return _settle(load_settings(flags), args.job)
+        if args.command == "token":
+            return run_token(args)
         if args.command == "jobs":
             return _jobs(load_settings(flags), args.job, as_json=args.json)
         if args.command == "demo":

@@ -227,9 +227,24 @@ class NodeHttp:
         }
         if issues:
             body["issues"] = issues
+        body["session_auth"] = self._session_auth()
         if self.chain_id is not None:
             body["chain_id"] = self.chain_id
         return web.json_response(body, status=200 if engine.healthy else 503)
+
+    def _session_auth(self) -> dict[str, Any]:
+        """Who may use a job here, and what a job token must name (``sidecar token --sidecar``
+        reads it)."""
+        auth = self.exchange.auth
+        if auth is None:
+            return {"mode": "none"}
+        return {
+            "mode": auth.mode,
+            "chain_id": auth.scope.chain_id,
+            "marketplace": auth.scope.marketplace,
+            "host": auth.scope.host,
+            "token_scheme": "sjt1 (EIP-712 JobToken, docs/PROTOCOL.md)",
+        }
 
     async def auth_challenge(self, request: web.Request) -> web.Response:
         """The SDK's way to learn the host's public key when its registration does not publish

@@ -10,7 +10,6 @@ import sqlite3
 
 import aiohttp
 import pytest
-
 from eth_account import Account
 
 from sidecar.ledger import ClaimKind, ClaimState

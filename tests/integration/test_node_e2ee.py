@@ -40,8 +40,13 @@ async def receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
     return json.loads(msg.data)
 
 
-def sealed_init(job: int | str, session_key: bytes, host_public_key: bytes = HOST.public_key):
-    """An encrypted_session_init frame, built as the SDK builds it (§1.2)."""
+def sealed_init(
+    job: int | str,
+    session_key: bytes,
+    host_public_key: bytes = HOST.public_key,
+    client: HostKey = CLIENT,
+):
+    """An encrypted_session_init frame, built as the SDK builds it (§1.2), signed by ``client``."""
     ephemeral = HostKey(os.urandom(32))
     key = crypto.init_key(ephemeral.shared_x(host_public_key))
     plaintext = json.dumps(
@@ -50,13 +55,13 @@ def sealed_init(job: int | str, session_key: bytes, host_public_key: bytes = HOS
             "jobId": str(job),
             "modelName": "sidecar-tiny",
             "pricePerToken": 0,
-            "recoveryPublicKey": "0x" + CLIENT.public_key.hex(),
+            "recoveryPublicKey": "0x" + client.public_key.hex(),
         },
         separators=(",", ":"),
     ).encode()
     nonce, box = crypto.seal(key, plaintext, b"")
     digest = crypto.e2ee_digest(ephemeral.public_key, host_public_key, nonce)
-    compact, recid = CLIENT.sign_digest(digest)
+    compact, recid = client.sign_digest(digest)
     return {
         "type": "encrypted_session_init",
         "payload": {
@@ -91,14 +96,18 @@ def sealed_message(session_key: bytes, job: int, request: dict[str, Any], index:
 
 
 async def encrypted_prompt(
-    ws: aiohttp.ClientWebSocketResponse, job: int, max_tokens: int
+    ws: aiohttp.ClientWebSocketResponse,
+    job: int,
+    max_tokens: int,
+    host: HostKey = HOST,
+    client: HostKey = CLIENT,
 ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     """Re-init with a new session key, then one encrypted prompt: (text, chunks, stream_end)."""
     session_key = os.urandom(32)
-    await ws.send_json(sealed_init(job, session_key))
+    await ws.send_json(sealed_init(job, session_key, host.public_key, client))
     ack = await receive(ws)
     assert ack["type"] == "session_init_ack" and ack["status"] == "success", ack
-    assert ack["client_address"] == CLIENT.address and ack["job_id"] == job
+    assert ack["client_address"] == client.address and ack["job_id"] == job
     request = {"prompt": "Hello", "model": "sidecar-tiny", "max_tokens": max_tokens}
     message = sealed_message(session_key, job, request)
     await ws.send_json(message)

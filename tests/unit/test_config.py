@@ -145,3 +145,35 @@ def test_marketplace_must_be_an_address() -> None:
     }
     with pytest.raises(ConfigError, match="20-byte hex address"):
         load_settings({}, env)
+
+
+def test_models_from_flags_environment_and_toml(tmp_path) -> None:
+    given = flags("--model", "llama-3-8b=tiny.gguf", "--model", "tiny")
+    settings = load_settings(given, {"SIDECAR_MODEL": "ignored"})
+    assert settings.model_names == {"llama-3-8b": "tiny.gguf", "tiny": "tiny"}
+    assert load_settings({}, {"SIDECAR_MODEL": "a=x, b"}).model_names == {"a": "x", "b": "b"}
+    toml = tmp_path / "s.toml"
+    toml.write_text('model = ["repo/file.gguf=tiny", "other"]\n')
+    settings = load_settings(flags("--config", str(toml)), {})
+    assert settings.model_names == {"repo/file.gguf": "tiny", "other": "other"}
+    assert load_settings({}, {}).model_names == {}  # the engine's own names
+    for bad in ("=x", "a=", "a,a"):
+        with pytest.raises(ConfigError, match="model"):
+            load_settings({}, {"SIDECAR_MODEL": bad})
+
+
+def test_session_auth_defaults_to_bound_with_a_chain() -> None:
+    chain = {
+        "SIDECAR_RPC_URL": "http://127.0.0.1:8545",
+        "SIDECAR_CHAIN_ID": "31337",
+        "SIDECAR_MARKETPLACE": "0x" + "11" * 20,
+        "SIDECAR_HOST_KEY": "0x" + "22" * 32,
+    }
+    assert load_settings({}, {}).session_auth_mode == "none"
+    assert load_settings({}, chain).session_auth_mode == "bound"
+    assert load_settings(flags("--session-auth", "none"), chain).session_auth_mode == "none"
+    assert load_settings(flags("--session-auth", "bound"), {}).session_auth_mode == "bound"
+    with pytest.raises(ConfigError, match="depositor needs the chain"):
+        load_settings(flags("--session-auth", "depositor"), {})
+    with pytest.raises(SystemExit):
+        flags("--session-auth", "anyone")
