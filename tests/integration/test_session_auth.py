@@ -203,9 +203,7 @@ async def test_sidecar_token_reads_the_scope_from_the_sidecar(
 
     from openai import AsyncOpenAI
 
-    _, job, sidecar = await sidecar_on_job(
-        llama_server, devnet, sidecar_factory, tmp_path, "bound"
-    )
+    _, job, sidecar = await sidecar_on_job(llama_server, devnet, sidecar_factory, tmp_path, "bound")
     key_file = tmp_path / "client.key"
     key_file.write_text(devnet.requester.key)
     command = ["-m", "sidecar", "token", "--job", f"{job}n", "--key-file", str(key_file)]
