@@ -23,6 +23,7 @@ from sidecar.exchange import Exchange
 from sidecar.ledger import Ledger, open_ledger
 from sidecar.malloc import tune_for_relaying
 from sidecar.metrics import Metrics
+from sidecar.models import ModelNames
 from sidecar.shells.admin import Admin
 from sidecar.shells.node_http import NodeHttp
 from sidecar.shells.node_ws import NodeWebSocket
@@ -62,6 +63,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
 
         host_key = HostKey(bytes.fromhex(settings.read_host_key()[2:]))
     auth = session_auth(settings, ledger, chain, host_key)
+    model_names = ModelNames(settings.model_names)
     exchange = Exchange(settings, ledger, metrics, engine, chain, auth)
     node_http = NodeHttp(
         exchange,
@@ -69,6 +71,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         ledger,
         chain_id=settings.chain_id,
         max_body_bytes=settings.max_body_bytes,
+        model_names=model_names,
         host_key=host_key,
     )
     node_ws = NodeWebSocket(
@@ -79,7 +82,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         max_message_bytes=settings.max_body_bytes,
         host_key=host_key,  # encrypted sessions open to this key
     )
-    proxy = OpenAIProxy(exchange, engine, settings.max_body_bytes)
+    proxy = OpenAIProxy(exchange, engine, settings.max_body_bytes, model_names)
     admin = Admin(ledger, metrics, engine, settings.admin_token, chain)
     # The shells read bodies themselves (with their own limit and an OpenAI-shaped 413).
     app = web.Application(client_max_size=settings.max_body_bytes)

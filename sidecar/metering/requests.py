@@ -10,7 +10,7 @@ and the relay must strip the usage-only chunk the client did not ask for (Stream
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ def prepare_request(
     header_job_ids: Sequence[str | tuple[str, str]] = (),
     *,
     inject_include_usage: bool,
+    engine_model: Callable[[str], str] | None = None,
 ) -> PreparedRequest:
     """Parse a request body, take the job id out of it, and decide what to send upstream.
 
@@ -49,6 +50,7 @@ def prepare_request(
     plain values or ``(header name, value)`` pairs (the name goes in error messages). Raises
     :class:`InvalidRequestBody` for a body that is not a JSON object, and
     :class:`~sidecar.metering.jobs.InvalidJobId` for a bad or contradictory job id.
+    ``engine_model`` maps the requested model name to the engine's (``--model``).
     """
     body = _parse_object(raw)
     named: list[tuple[str, object]] = [
@@ -67,6 +69,12 @@ def prepare_request(
 
     stream = body.get("stream") is True
     model = body.get("model")
+    renamed = False
+    if engine_model is not None and type(model) is str:
+        served_by = engine_model(model)  # raises for a name this host does not serve
+        if served_by != model:
+            body["model"] = served_by
+            renamed = True
     options = body.get("stream_options")
     wants_usage = type(options) is dict and options.get("include_usage") is True
     strip = False
@@ -75,7 +83,7 @@ def prepare_request(
         merged["include_usage"] = True
         body["stream_options"] = merged
         strip = True
-    modified = removed or strip
+    modified = removed or strip or renamed
     return PreparedRequest(
         job_id=job_id,
         body=_encode(body) if modified else raw,

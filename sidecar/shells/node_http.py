@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -24,12 +25,13 @@ from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_erro
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, parse_job_id, resolve_job_id, safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS
+from sidecar.models import ModelNames
 from sidecar.shells.headers import RECEIPT_REQUEST_HEADER, call_headers
 from sidecar.shells.http import abort_client, read_body
 from sidecar.shells.node_protocol import (
     InferenceParams,
     answer_fields,
-    check_served,
+    check_chain,
     checkpoint_json,
     chunk_text,
     parse_inference,
@@ -53,9 +55,11 @@ class NodeHttp:
         *,
         chain_id: int | None,
         max_body_bytes: int,
+        model_names: ModelNames,
         host_key: HostKey | None = None,
     ) -> None:
         self.exchange = exchange
+        self.model_names = model_names
         self.host_key = host_key
         self.engine = engine
         self.ledger = ledger
@@ -73,11 +77,16 @@ class NodeHttp:
             web.get("/v1/checkpoints/{session_id}", self.checkpoints),
         ]
 
-    async def check(self, params: InferenceParams, job_id: int | None) -> None:
-        """What needs state: the job requirement, this host's chain, the engine's models."""
+    async def check(self, params: InferenceParams, job_id: int | None) -> InferenceParams:
+        """What needs state: the job requirement, this host's chain, the model's name. Returns
+        the request with the engine's model in place of the marketplace's name for it."""
         self.exchange.check_job_named(job_id, JOB_HINT)
-        models = await self.engine.models() if params.model is not None else ()
-        check_served(params, chain_id=self.chain_id, models=models)
+        check_chain(params, chain_id=self.chain_id)
+        if params.model is None:
+            return params
+        listed = () if self.model_names.configured else await self.engine.models()
+        engine_model = self.model_names.engine_model(params.model, listed)
+        return params if engine_model == params.model else replace(params, model=engine_model)
 
     # -- POST /v1/inference ----------------------------------------------------------------
 
@@ -89,12 +98,12 @@ class NodeHttp:
                 job_id = resolve_job_id((f"body field {k!r}", obj.get(k)) for k in JOB_BODY_FIELDS)
             except InvalidJobId as exc:
                 raise BadRequest(str(exc), code="invalid_job_id", param="job_id") from None
-            await self.check(params, job_id)
+            served = await self.check(params, job_id)  # the engine's model: what is sent
             requester = None
             if job_id is not None:
                 authorization = request.headers.get("Authorization")
                 requester = self.exchange.requester_from_bearer(authorization, job_id)
-            endpoint, body = to_openai(params)
+            endpoint, body = to_openai(served)
             if not params.stream:
                 full_receipt = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
                 return await self._answer(
@@ -189,7 +198,17 @@ class NodeHttp:
         """The engine's OpenAI list, with the node API's ``models`` (and ``chain_id``) added.
 
         One body serves both kinds of client: OpenAI SDKs read ``data`` and ignore the rest;
-        marketplace clients read ``models``."""
+        marketplace clients read ``models``. With ``--model``, the names given are the list."""
+        if self.model_names.configured:
+            names = self.model_names.names
+            listed: dict[str, Any] = {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "owned_by": "sidecar"} for n in names],
+                "models": [{"id": n, "name": n} for n in names],
+            }
+            if self.chain_id is not None:
+                listed["chain_id"] = self.chain_id
+            return web.json_response(listed)
         try:
             upstream = await self.engine.request("GET", request.path_qs)
             async with upstream:

@@ -111,20 +111,13 @@ def _context(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
-def check_served(params: InferenceParams, *, chain_id: int | None, models: tuple[str, ...]) -> None:
-    """What this host serves: its chain (``chain_id``, when it has one) and the engine's
-    ``models`` (empty: the engine cannot say, so any name goes)."""
+def check_chain(params: InferenceParams, *, chain_id: int | None) -> None:
+    """The request's chain must be this host's (when both name one)."""
     if params.chain_id is not None and chain_id is not None and params.chain_id != chain_id:
         raise BadRequest(
             f"chain_id {params.chain_id} is not this host's chain ({chain_id})",
             param="chain_id",
             code="wrong_chain",
-        )
-    if params.model is not None and models and params.model not in models:
-        raise BadRequest(
-            f"model {show(params.model)} is not served here; models: {', '.join(models)}",
-            param="model",
-            code="model_not_found",
         )
 
 

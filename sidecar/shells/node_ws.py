@@ -350,7 +350,7 @@ class NodeWebSocket:
         echo: dict[str, Any],
         replies: _Replies,
     ) -> None:
-        await self.http.check(params, job_id)
+        params = await self.http.check(params, job_id)
         if sock.generation.running:
             raise BadRequest(
                 "a generation is running on this socket: wait for its end or send stream_cancel",

@@ -25,6 +25,7 @@ from sidecar.errors import BadRequest, RequestTooLarge, SidecarError, UpstreamBr
 from sidecar.exchange import METERED_ROUTES, Call, Exchange
 from sidecar.metering import Endpoint, InvalidJobId, InvalidRequestBody, prepare_request
 from sidecar.metering.requests import PreparedRequest
+from sidecar.models import ModelNames
 from sidecar.shells.headers import (
     JOB_HEADERS,
     METERED_REQUEST_DROP,
@@ -43,8 +44,17 @@ JOB_HINT = "name the job with job_id or session_id in the body, or an X-Job-Id h
 
 
 class OpenAIProxy:
-    def __init__(self, exchange: Exchange, engine: EngineClient, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        engine: EngineClient,
+        max_body_bytes: int,
+        model_names: ModelNames,
+    ) -> None:
         self.exchange = exchange
+        # With --model, a request's model name is mapped to the engine's (and an unknown one
+        # refused); without, the engine judges the names it is sent.
+        self.engine_model = model_names.engine_model if model_names.configured else None
         self.engine = engine
         self.max_body_bytes = max_body_bytes
 
@@ -93,7 +103,13 @@ class OpenAIProxy:
         header_jobs = [(name, v) for name in JOB_HEADERS for v in request.headers.getall(name, ())]
         inject = self.exchange.inject_include_usage
         try:
-            return prepare_request(endpoint, body, header_jobs, inject_include_usage=inject)
+            return prepare_request(
+                endpoint,
+                body,
+                header_jobs,
+                inject_include_usage=inject,
+                engine_model=self.engine_model,
+            )
         except InvalidJobId as exc:
             raise BadRequest(str(exc), code="invalid_job_id", param="job_id") from None
         except InvalidRequestBody as exc:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from openai import AsyncOpenAI
 
@@ -269,7 +270,7 @@ async def test_inference_validation_names_the_field(
     body = {k: v for k, v in body.items() if v is not None}
     async with aiohttp.ClientSession() as http:
         async with http.post(sidecar.url + "/v1/inference", json=body) as resp:
-            assert resp.status == 400
+            assert resp.status == (404 if param == "model" else 400)  # OpenAI's model_not_found
             error = (await resp.json())["error"]
     assert error["param"] == param
     assert param.split("_")[0] in error["message"]
@@ -293,6 +294,59 @@ async def test_models_serve_both_kinds_of_client(llama_server, sidecar_factory) 
             assert (await resp.json())["checkpoints"] == []
         async with http.get(sidecar.url + "/v1/checkpoints/nope") as resp:
             assert resp.status == 400
+
+
+async def test_marketplace_model_names_map_to_the_engines(llama_server, sidecar_factory) -> None:
+    """--model NAME=ENGINE_MODEL: the names the marketplace uses, on every route."""
+    name = "repo/tiny-chat.gguf"
+    sidecar = await sidecar_factory(
+        llama_server.base_url, model=(f"{name}={llama_server.model_id}", "alias-only")
+    )
+    client = AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="none", max_retries=0)
+    assert [m.id async for m in client.models.list()] == [name, "alias-only"]
+    answer = await client.completions.create(
+        model=name, prompt="hi", max_tokens=3, extra_body={"job_id": 61}
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 3
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.completions.create(model="gpt-4", prompt="hi", max_tokens=3)
+    assert info.value.body["code"] == "model_not_found" and name in info.value.body["message"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sidecar.url + "/v1/models") as resp:
+            assert (await resp.json())["models"][0] == {"id": name, "name": name}
+        body = {"model": name, "prompt": "hi", "max_tokens": 2, "jobId": 61}
+        async with http.post(sidecar.url + "/v1/inference", json=body) as resp:
+            assert resp.status == 200 and (await resp.json())["model"] == name
+        async with http.post(
+            sidecar.url + "/v1/inference", json={**body, "model": "nope", "request_id": "r9"}
+        ) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "model_not_found"
+        async with node_socket(http, sidecar.url) as ws:
+            await ws.send_json(
+                {
+                    "type": "prompt",
+                    "jobId": "61",
+                    "id": "p-7",
+                    "request": {"model": "nope", "prompt": "x", "max_tokens": 2},
+                }
+            )
+            error = await receive(ws)
+            assert error["type"] == "error" and error["code"] == "model_not_found"
+            assert error["id"] == "p-7"
+            await ws.send_json(
+                {
+                    "type": "prompt",
+                    "jobId": "61",
+                    "id": "p-8",
+                    "request": {"model": name, "prompt": "x", "max_tokens": 2},
+                }
+            )
+            while (message := await receive(ws))["type"] == "stream_chunk":
+                assert message["id"] == "p-8"
+            assert message["type"] == "stream_end" and message["tokens_used"] == 2
+    totals = await sidecar.ledger.job(61)
+    assert totals is not None and totals.billable_tokens == 3 + 2 + 2
 
 
 # -- on the chain ----------------------------------------------------------------------------
