@@ -19,6 +19,7 @@ from aiohttp import web
 from sidecar.auth import SessionAuth, TokenScope
 from sidecar.config import Settings
 from sidecar.engine import EngineClient
+from sidecar.engine_facts import EngineFacts
 from sidecar.exchange import Exchange
 from sidecar.ledger import Ledger, open_ledger
 from sidecar.malloc import tune_for_relaying
@@ -72,6 +73,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         chain_id=settings.chain_id,
         max_body_bytes=settings.max_body_bytes,
         model_names=model_names,
+        facts=EngineFacts(engine, settings.engine, settings.context_window),
         host_key=host_key,
     )
     node_ws = NodeWebSocket(

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.auth import Requester
 from sidecar.engine import EngineClient, EngineHealth
+from sidecar.engine_facts import EngineFacts
 from sidecar.errors import BadRequest, SidecarError, UpstreamError, to_response
 from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_error_message
 from sidecar.ledger import Ledger
@@ -30,12 +31,14 @@ from sidecar.shells.headers import RECEIPT_REQUEST_HEADER, call_headers
 from sidecar.shells.http import abort_client, read_body
 from sidecar.shells.node_protocol import (
     InferenceParams,
+    TokenLimitExceeded,
     answer_fields,
     check_chain,
     checkpoint_json,
     chunk_text,
     parse_inference,
     to_openai,
+    token_limit_of,
 )
 
 if TYPE_CHECKING:  # the cipher's libraries load only on a host with a key (app.py)
@@ -56,15 +59,28 @@ class NodeHttp:
         chain_id: int | None,
         max_body_bytes: int,
         model_names: ModelNames,
+        facts: EngineFacts,
         host_key: HostKey | None = None,
     ) -> None:
         self.exchange = exchange
+        self.facts = facts
         self.model_names = model_names
         self.host_key = host_key
         self.engine = engine
         self.ledger = ledger
         self.chain_id = chain_id
         self.max_body_bytes = max_body_bytes
+
+    async def measure(self, params: InferenceParams) -> Measured:
+        """The prompt's tokens by the engine's tokenizer and the context window, where the
+        engine (or the operator) can say; :class:`TokenLimitExceeded` for a prompt that does
+        not fit, before anything is generated."""
+        window = await self.facts.context_window()
+        text = "\n".join([*(content for _, content in params.context), params.prompt])
+        prompt_tokens = await self.facts.prompt_tokens(text, params.model)
+        if window is not None and prompt_tokens is not None and prompt_tokens >= window:
+            raise TokenLimitExceeded(prompt_tokens, window)
+        return Measured(prompt_tokens, window)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -103,13 +119,17 @@ class NodeHttp:
             if job_id is not None:
                 authorization = request.headers.get("Authorization")
                 requester = self.exchange.requester_from_bearer(authorization, job_id)
+            measured = await self.measure(served)
             endpoint, body = to_openai(served)
             if not params.stream:
                 full_receipt = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
                 return await self._answer(
-                    params, endpoint, body, job_id, requester, full_receipt=full_receipt
+                    params, endpoint, body, job_id, requester, measured, full_receipt=full_receipt
                 )
-            stream = await self.exchange.call_stream(endpoint, body, job_id, requester)
+            try:
+                stream = await self.exchange.call_stream(endpoint, body, job_id, requester)
+            except UpstreamError as exc:
+                raise engine_refusal(exc) from None
         except SidecarError as exc:
             return to_response(exc)
         return await self._stream(request, stream)
@@ -140,7 +160,8 @@ class NodeHttp:
             reply = None
         if answer.status >= 300 or type(reply) is not dict:
             status = answer.status if 400 <= answer.status < 600 else 502
-            raise UpstreamError(engine_error_message(answer.status, answer.body), status=status)
+            error = UpstreamError(engine_error_message(answer.status, answer.body), status=status)
+            raise engine_refusal(error)
         return answer, reply
 
     async def _answer(
@@ -150,13 +171,14 @@ class NodeHttp:
         body: dict[str, Any],
         job_id: int | None,
         requester: Requester | None,
+        measured: Measured,
         *,
         full_receipt: bool,
     ) -> web.Response:
         answer, reply = await self.call(endpoint, body, job_id, requester)
         out: dict[str, Any] = {
             "model": params.model or reply.get("model"),
-            **answer_fields(reply, answer.usage, params.request_id or answer.key),
+            **answer_fields(reply, answer.usage, params.request_id or answer.key, measured),
         }
         if params.chain_id is not None or self.chain_id is not None:
             out["chain_id"] = params.chain_id or self.chain_id
@@ -318,6 +340,20 @@ class NodeHttp:
                 "checkpoints": [checkpoint_json(c) for c in claims],
             }
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """A prompt's measure before it runs (None where the engine cannot say)."""
+
+    prompt_tokens: int | None
+    context_window: int | None
+
+
+def engine_refusal(error: UpstreamError) -> SidecarError:
+    """An engine error as the node reports it: a prompt over the window is
+    ``TOKEN_LIMIT_EXCEEDED`` with its numbers; anything else stays as it is."""
+    return token_limit_of(error.message) or error
 
 
 def _engine_issue(engine: EngineHealth) -> str:

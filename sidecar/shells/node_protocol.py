@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sidecar.errors import BadRequest
 from sidecar.ledger import Claim, ClaimKind
@@ -161,15 +162,27 @@ def job_of(named: list[tuple[str, object]], lenient: list[tuple[str, object]]) -
     return resolve_job_id(pairs)
 
 
-def answer_fields(reply: dict[str, Any], usage: Usage, request_id: str) -> dict[str, Any]:
-    """What a node answer to one prompt says, over HTTP and on the socket alike."""
+class PromptMeasure(Protocol):
+    @property
+    def prompt_tokens(self) -> int | None: ...
+
+    @property
+    def context_window(self) -> int | None: ...
+
+
+def answer_fields(
+    reply: dict[str, Any], usage: Usage, request_id: str, measured: PromptMeasure
+) -> dict[str, Any]:
+    """What a node answer to one prompt says, over HTTP and on the socket alike. The engine's
+    own usage first; the prompt's measure where the answer lacks it."""
     content, reason = chunk_text(reply)
+    prompt_tokens = usage.prompt_tokens if usage.prompt_tokens else measured.prompt_tokens
     return {
         "content": content,
         "tokens_used": usage.completion_tokens,
         "finish_reason": reason or "stop",
         "request_id": request_id,
-        "usage": usage_json(usage.prompt_tokens, usage.completion_tokens),
+        "usage": usage_json(prompt_tokens, usage.completion_tokens, measured.context_window),
     }
 
 
@@ -178,13 +191,64 @@ def show(value: object) -> str:
     return text if len(text) <= 40 else text[:40] + "..."
 
 
-def usage_json(prompt_tokens: int | None, completion_tokens: int) -> dict[str, int]:
+def usage_json(
+    prompt_tokens: int | None, completion_tokens: int, context_window: int | None = None
+) -> dict[str, int]:
+    """The node's ``usage``; ``context_window_size`` only where the window is known."""
     prompt = prompt_tokens or 0
-    return {
+    usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt + completion_tokens,
     }
+    if context_window is not None:
+        usage["context_window_size"] = context_window
+    return usage
+
+
+class TokenLimitExceeded(BadRequest):
+    """A prompt longer than the context window: the node's ``TOKEN_LIMIT_EXCEEDED``, whose
+    numbers the SDK turns into a ``ContextLimitError``."""
+
+    code = "TOKEN_LIMIT_EXCEEDED"
+
+    def __init__(self, prompt_tokens: int, context_window: int) -> None:
+        super().__init__(
+            f"Prompt ({prompt_tokens} tokens) exceeds context window ({context_window} tokens)",
+            param="prompt",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_window = context_window
+
+    def socket_message(self) -> dict[str, Any]:
+        return {
+            **super().socket_message(),
+            "prompt_tokens": self.prompt_tokens,
+            "context_window_size": self.context_window,
+        }
+
+
+# Engines' words for a prompt over the window (in an error answer): OpenAI's, which
+# llama-cpp-python and vLLM use, and llama.cpp's.
+_ENGINE_LIMIT = (
+    re.compile(
+        r"maximum context length is (?P<window>\d+) tokens.*?"
+        r"\((?P<prompt>\d+) in (?:your prompt|the messages)"
+    ),
+    re.compile(r"Requested tokens \((?P<prompt>\d+)\) exceed context window of (?P<window>\d+)"),
+    re.compile(
+        r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<window>\d+) tokens\)"
+    ),
+)
+
+
+def token_limit_of(engine_message: str) -> TokenLimitExceeded | None:
+    """The engine's own "prompt too long" error, as the node reports it; None for others."""
+    for pattern in _ENGINE_LIMIT:
+        match = pattern.search(engine_message)
+        if match is not None:
+            return TokenLimitExceeded(int(match["prompt"]), int(match["window"]))
+    return None
 
 
 def close_code(status: int) -> int:

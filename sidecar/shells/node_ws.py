@@ -26,11 +26,11 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from sidecar.auth import Requester
-from sidecar.errors import BadRequest, JobRefused, SidecarError
+from sidecar.errors import BadRequest, JobRefused, SidecarError, UpstreamError
 from sidecar.exchange import Exchange, MeteredStream
 from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, safejson
-from sidecar.shells.node_http import NodeHttp
+from sidecar.shells.node_http import Measured, NodeHttp, engine_refusal
 from sidecar.shells.node_protocol import (
     InferenceParams,
     answer_fields,
@@ -64,6 +64,7 @@ class _Generation:
     stream: MeteredStream | None = None
     task: asyncio.Task[None] | None = None
     echo: dict[str, Any] = field(default_factory=dict)  # the id (and session) replies carry
+    measured: Measured = field(default_factory=lambda: Measured(None, None))  # the prompt's
 
     @property
     def running(self) -> bool:
@@ -374,13 +375,18 @@ class NodeWebSocket:
         endpoint, body = to_openai(params)
         echo = generation.echo
         try:
+            measured = await self.http.measure(params)
             if not params.stream:
-                await self._respond(sock, params, endpoint, body, job_id, echo)
+                await self._respond(sock, params, endpoint, body, job_id, echo, measured)
                 return
-            generation.stream = await self.exchange.call_stream(
-                endpoint, body, job_id, sock.requester
-            )
-            await self._relay_stream(sock, generation.stream, job_id, echo, replies)
+            try:
+                generation.stream = await self.exchange.call_stream(
+                    endpoint, body, job_id, sock.requester
+                )
+            except UpstreamError as exc:
+                raise engine_refusal(exc) from None
+            generation.measured = measured
+            await self._relay_stream(sock, generation, job_id, replies)
         except SidecarError as exc:
             with contextlib.suppress(ConnectionError):
                 await sock.send({**exc.socket_message(), **echo})
@@ -396,11 +402,12 @@ class NodeWebSocket:
         body: dict[str, Any],
         job_id: int | None,
         echo: dict[str, Any],
+        measured: Measured,
     ) -> None:
         answer, reply = await self.http.call(endpoint, body, job_id, sock.requester)
         message: dict[str, Any] = {
             "type": "response",
-            **answer_fields(reply, answer.usage, params.request_id or answer.key),
+            **answer_fields(reply, answer.usage, params.request_id or answer.key, measured),
             **echo,
         }
         if job_id is not None:
@@ -408,13 +415,10 @@ class NodeWebSocket:
         await sock.send(message)
 
     async def _relay_stream(
-        self,
-        sock: _Socket,
-        stream: MeteredStream,
-        job_id: int | None,
-        echo: dict[str, Any],
-        replies: _Replies,
+        self, sock: _Socket, generation: _Generation, job_id: int | None, replies: _Replies
     ) -> None:
+        stream, echo = generation.stream, generation.echo
+        assert stream is not None  # started by _generate
         finish = "stop"
         async with contextlib.aclosing(stream.events()) as events:
             async for chunk in events:
@@ -425,24 +429,27 @@ class NodeWebSocket:
         # The iteration ended: the record is committed; its count is the one billed.
         for message in replies.last(finish):
             await sock.send({**message, **echo})
-        await self._stream_end(sock, stream, job_id, "complete", finish, echo)
+        await self._stream_end(sock, generation, job_id, "complete", finish, echo)
 
     async def _stream_end(
         self,
         sock: _Socket,
-        stream: MeteredStream,
+        generation: _Generation,
         job_id: int | None,
         reason: str,
         finish: str,
         echo: dict[str, Any],
     ) -> None:
+        stream, measured = generation.stream, generation.measured
+        assert stream is not None  # only a started stream ends
         usage = stream.usage
+        prompt_tokens = usage.prompt_tokens or measured.prompt_tokens
         message: dict[str, Any] = {
             "type": "stream_end",
             "reason": reason,
             "tokens_used": usage.completion_tokens,
             "finish_reason": finish,
-            "usage": usage_json(usage.prompt_tokens, usage.completion_tokens),
+            "usage": usage_json(prompt_tokens, usage.completion_tokens, measured.context_window),
             "request_id": stream.key,
             **echo,
         }
@@ -472,9 +479,7 @@ class NodeWebSocket:
             if sock.session_id is not None:
                 echo["session_id"] = sock.session_id
             with contextlib.suppress(ConnectionError):
-                await self._stream_end(
-                    sock, generation.stream, None, "cancelled", "cancelled", echo
-                )
+                await self._stream_end(sock, generation, None, "cancelled", "cancelled", echo)
 
     async def _end(self, sock: _Socket) -> None:
         """The session is over (session_end, close, dropped connection): settle its job once

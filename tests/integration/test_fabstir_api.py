@@ -122,6 +122,71 @@ async def test_ws_session_accumulates_across_prompts_and_reconnects(
     assert totals_row.requests == 7
 
 
+async def test_stream_end_usage_counts_the_prompt_and_the_window(
+    llama_server, sidecar_factory
+) -> None:
+    """The stream carries no prompt count (llama-cpp-python): the engine's tokenizer gives it;
+    the window is the operator's --context-window, as llama-cpp-python does not say its own."""
+    sidecar = await sidecar_factory(llama_server.base_url, context_window=llama_server.n_ctx)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            llama_server.base_url + "/extras/tokenize/count", json={"input": "tell me"}
+        ) as resp:
+            engine_count = (await resp.json())["count"]
+        async with node_socket(http, sidecar.url) as ws:
+            await init(ws, 42)
+            _, end = await prompt(ws, 42, 6)
+    assert engine_count > 0
+    assert end["usage"] == {
+        "prompt_tokens": engine_count,
+        "completion_tokens": 6,
+        "total_tokens": engine_count + 6,
+        "context_window_size": llama_server.n_ctx,
+    }
+
+
+@pytest.mark.parametrize("window", [16, None])
+async def test_a_prompt_over_the_window_is_token_limit_exceeded(
+    llama_server, sidecar_factory, window
+) -> None:
+    """Checked before generating where the window is known (--context-window 16), else from
+    the engine's own refusal (its n_ctx is 2048): the node's code and numbers either way.
+    (llama-cpp-python refuses only non-stream requests in words; a stream it just ends.)"""
+    options = {} if window is None else {"context_window": window}
+    sidecar = await sidecar_factory(llama_server.base_url, **options)
+    words = "tell me more " * (20 if window else 900)
+    stream = window is not None
+    async with aiohttp.ClientSession() as http:
+        async with node_socket(http, sidecar.url) as ws:
+            await ws.send_json(
+                {
+                    "type": "prompt",
+                    "jobId": "43",
+                    "id": "long-1",
+                    "request": {"prompt": words, "max_tokens": 4, "stream": stream},
+                }
+            )
+            error = await receive(ws)
+            end = await receive(ws)
+        async with http.post(
+            sidecar.url + "/v1/inference",
+            json={"model": llama_server.model_id, "prompt": words, "max_tokens": 4},
+        ) as resp:
+            status, body = resp.status, await resp.json()
+    assert error["type"] == "error" and error["code"] == "TOKEN_LIMIT_EXCEEDED", error
+    assert error["id"] == "long-1"
+    assert error["context_window_size"] == (window or llama_server.n_ctx)
+    assert error["prompt_tokens"] > error["context_window_size"]
+    assert error["message"] == (
+        f"Prompt ({error['prompt_tokens']} tokens) exceeds context window "
+        f"({error['context_window_size']} tokens)"
+    )
+    assert end == {"type": "stream_end", "reason": "error", "tokens_used": 0, "id": "long-1"}
+    assert status == 400 and body["error"]["code"] == "TOKEN_LIMIT_EXCEEDED"
+    totals = await sidecar.ledger.job(43)
+    assert totals is None or totals.billable_tokens == 0
+
+
 async def test_stream_cancel_stops_the_engine_and_keeps_the_tokens(
     llama_server, sidecar_factory
 ) -> None:

@@ -100,3 +100,31 @@ def test_session_id_names_a_job_only_when_it_is_one() -> None:
         job_of([("jobId", "164")], [("session_id", "165n")])
     with pytest.raises(InvalidJobId):
         job_of([("jobId", "x")], [])
+
+
+@pytest.mark.parametrize(
+    "engine_message",
+    [
+        # llama-cpp-python and vLLM (OpenAI's wording)
+        "the engine answered 400: This model's maximum context length is 2048 tokens, however "
+        "you requested 2706 tokens (2702 in your prompt; 4 for the completion).",
+        "This model's maximum context length is 2048 tokens. However, you requested 2706 tokens "
+        "(2702 in the messages, 4 in the completion).",
+        "Requested tokens (2702) exceed context window of 2048",
+        "the request (2702 tokens) exceeds the available context size (2048 tokens), try "
+        "increasing it",
+    ],
+)
+def test_engines_prompt_too_long_errors_become_token_limit_exceeded(engine_message) -> None:
+    from sidecar.shells.node_protocol import token_limit_of
+
+    error = token_limit_of(engine_message)
+    assert error is not None and error.code == "TOKEN_LIMIT_EXCEEDED"
+    assert error.socket_message() == {
+        "type": "error",
+        "code": "TOKEN_LIMIT_EXCEEDED",
+        "message": "Prompt (2702 tokens) exceeds context window (2048 tokens)",
+        "prompt_tokens": 2702,
+        "context_window_size": 2048,
+    }
+    assert token_limit_of("the engine answered 500: out of memory") is None
