@@ -27,7 +27,7 @@ from sidecar.chain.rpc import (
     read_dispute_window,
 )
 from sidecar.chain.sender import ChainSender, describe
-from sidecar.chain.worker import ClaimWorker
+from sidecar.chain.worker import ClaimEvent, ClaimListener, ClaimWorker
 from sidecar.config import Settings
 from sidecar.ledger import Ledger
 from sidecar.metrics import Metrics
@@ -48,6 +48,16 @@ class ChainService:
         self.ledger = ledger
         self.metrics = metrics
         self._started: _Started | None = None
+        self._claim_listeners: list[ClaimListener] = []
+
+    def on_claim(self, listener: ClaimListener) -> None:
+        """Call ``listener`` with every claim mined or refused (the sessions tell their
+        clients); called on the event loop, it must not block."""
+        self._claim_listeners.append(listener)
+
+    def _claimed(self, event: ClaimEvent) -> None:
+        for listener in self._claim_listeners:
+            listener(event)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -64,7 +74,9 @@ class ChainService:
             chain.dispute_window,
         )
         admission = JobAdmission(chain, self.ledger)
-        worker = ClaimWorker(chain, admission, self.ledger, self.metrics, self.settings)
+        worker = ClaimWorker(
+            chain, admission, self.ledger, self.metrics, self.settings, on_claim=self._claimed
+        )
         # Started before the worker takes up the ledger's jobs, so that stop() also cleans up
         # after a failed resume.
         self._started = _Started(chain, admission, worker)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sidecar.chain.admission import JobAdmission, KnownJob
@@ -62,6 +62,22 @@ class _Progress:
     failed_claims: int = 0  # claims the contract refused in a row
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimEvent:
+    """A claim of a job's tokens (or its settlement) that was mined, or refused."""
+
+    job_id: int
+    kind: ClaimKind
+    seq: int
+    tokens: int
+    state: ClaimState  # CONFIRMED or FAILED
+    tx_hash: str | None
+    error: str | None = None
+
+
+ClaimListener = Callable[[ClaimEvent], None]
+
+
 class ClaimWorker:
     def __init__(
         self,
@@ -70,7 +86,9 @@ class ClaimWorker:
         ledger: Ledger,
         metrics: Metrics,
         settings: Settings,
+        on_claim: ClaimListener | None = None,
     ) -> None:
+        self._on_claim = on_claim
         self._chain = chain
         self._admission = admission
         self._ledger = ledger
@@ -379,6 +397,14 @@ class ClaimWorker:
         await self._ledger.update_claim(
             claim.job_id, claim.seq, state, now_ms=_now_ms(), tx_hash=tx_hash, error=error
         )
+        if self._on_claim is not None and state in (ClaimState.CONFIRMED, ClaimState.FAILED):
+            event = ClaimEvent(
+                claim.job_id, claim.kind, claim.seq, claim.tokens, state, tx_hash, error
+            )
+            try:
+                self._on_claim(event)
+            except Exception:  # a listener's fault must never stop claiming
+                log.exception("chain: a claim listener failed on job %s", claim.job_id)
 
     # -- helpers ---------------------------------------------------------------------------
 

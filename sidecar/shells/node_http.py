@@ -3,7 +3,8 @@
 ``POST /v1/inference`` becomes one OpenAI request through :mod:`sidecar.exchange`: the same
 admission, metering, ledger and chain service as the OpenAI routes, so a job used over both is
 counted once. ``/v1/models`` is both APIs' route; ``/health``, ``/v1/version`` and
-``/v1/checkpoints/{session_id}`` answer as the node does.
+``/v1/checkpoints/{session_id}`` answer as the node does (the last with the node's 404: this host
+keeps no conversation checkpoints on S5).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sidecar.engine_facts import EngineFacts
 from sidecar.errors import BadRequest, SidecarError, UpstreamError, to_response
 from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_error_message
 from sidecar.ledger import Ledger
-from sidecar.metering import Endpoint, InvalidJobId, parse_job_id, resolve_job_id, safejson
+from sidecar.metering import Endpoint, InvalidJobId, resolve_job_id, safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS
 from sidecar.models import ModelNames
 from sidecar.shells.headers import RECEIPT_REQUEST_HEADER, call_headers
@@ -34,7 +35,6 @@ from sidecar.shells.node_protocol import (
     TokenLimitExceeded,
     answer_fields,
     check_chain,
-    checkpoint_json,
     chunk_text,
     parse_inference,
     to_openai,
@@ -325,20 +325,14 @@ class NodeHttp:
         )
 
     async def checkpoints(self, request: web.Request) -> web.Response:
-        raw = request.match_info["session_id"]
-        try:
-            job_id = parse_job_id(raw, where="session id")
-        except InvalidJobId as exc:
-            return to_response(BadRequest(str(exc), code="invalid_job_id", param="session_id"))
-        claims = await self.ledger.claims(job_id)
-        totals = await self.ledger.job(job_id)
+        """The node's signed index of conversation checkpoints, whose deltas live on S5. This
+        host stores no conversation (it meters and relays), so it has none to recover: the
+        node's 404, which the SDK reads as "no checkpoints" and recovers nothing. (An index
+        whose entries name no S5 delta would fail the SDK's recovery instead.) The claims
+        themselves, with their proof hashes and transactions: ``/sidecar/jobs/{id}``."""
+        session_id = request.match_info["session_id"]
         return web.json_response(
-            {
-                "session_id": raw,
-                "job_id": str(job_id),
-                "tokens_metered": 0 if totals is None else totals.billable_tokens,
-                "checkpoints": [checkpoint_json(c) for c in claims],
-            }
+            {"error": f"No checkpoints found for session {session_id[:100]}"}, status=404
         )
 
 

@@ -4,7 +4,7 @@ Marketplace clients speak this API to a host: ``POST /v1/inference`` (``node_htt
 session protocol over the WebSocket ``/v1/ws`` (``node_ws``). This module checks what they send
 (:func:`parse_inference`, :func:`job_of`), turns a prompt into the OpenAI request the engine
 answers (:func:`to_openai`), and builds the replies (:func:`chunk_text`, :func:`usage_json`,
-:func:`checkpoint_json`), so both shells share one reading of the protocol.
+:class:`TokenLimitExceeded`), so both shells share one reading of the protocol.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.errors import BadRequest
-from sidecar.ledger import Claim, ClaimKind
 from sidecar.metering import Endpoint, Usage
 from sidecar.metering.jobs import InvalidJobId, parse_job_id, resolve_job_id
 
@@ -255,27 +254,3 @@ def close_code(status: int) -> int:
     """The WebSocket close code for a refused job."""
     # 1008 (policy violation) for a job this host must not serve; 1011 when the chain is down.
     return 1011 if status >= 500 else 1008
-
-
-def checkpoint_json(claim: Claim) -> dict[str, Any]:
-    """One outbox row as ``/v1/checkpoints/{id}`` lists it."""
-    # Imported here: the proof format needs eth_account, which a host without a chain (no
-    # outbox rows) never loads.
-    from sidecar.chain.proofs import ClaimProof
-
-    proof_hash = None
-    if claim.kind is ClaimKind.PROOF and claim.payload:
-        with contextlib.suppress(ValueError):
-            proof_hash = "0x" + ClaimProof.from_payload(claim.payload).proof_hash.hex()
-    return {
-        "index": claim.seq,
-        "kind": claim.kind.value,
-        "tokens": claim.tokens,
-        "token_range": [claim.first_token, claim.end_token],
-        "proof_hash": proof_hash,
-        "tx_hash": claim.tx_hash,
-        "state": claim.state.value,
-        "error": claim.error,
-        "created_ms": claim.created_ms,
-        "timestamp": claim.updated_ms,
-    }

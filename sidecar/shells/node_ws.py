@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,6 +47,7 @@ from sidecar.shells.node_protocol import (
 )
 
 if TYPE_CHECKING:  # the cipher's libraries load with the first encrypted session
+    from sidecar.chain.worker import ClaimEvent  # web3 only with a chain
     from sidecar.crypto import HostKey
     from sidecar.shells.node_e2ee import ReplySealer
 
@@ -54,9 +57,11 @@ WS_HEARTBEAT = 30.0  # seconds: pings find half-open connections (a client that 
 
 
 class Settlement(Protocol):
-    """What a session's end needs of the chain service."""
+    """What sessions need of the chain service: settling a job, and news of its claims."""
 
     async def request_settlement(self, job_id: int) -> None: ...
+
+    def on_claim(self, listener: Callable[[ClaimEvent], None]) -> None: ...
 
 
 @dataclass
@@ -71,7 +76,7 @@ class _Generation:
         return self.task is not None and not self.task.done()
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the sockets of a job are a set
 class _Socket:
     ws: web.WebSocketResponse
     session_id: str | None = None
@@ -145,8 +150,10 @@ class NodeWebSocket:
         self.ledger = ledger
         self.settlement = settlement
         self.max_message_bytes = max_message_bytes
-        self._sockets_per_job: dict[int, int] = {}
+        self._sockets_of_job: dict[int, set[_Socket]] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        if settlement is not None:
+            settlement.on_claim(self._claimed)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/ws", self.websocket)]
@@ -293,7 +300,42 @@ class NodeWebSocket:
     def _attach(self, sock: _Socket, job_id: int | None) -> None:
         if job_id is not None and sock.job_id is None:
             sock.job_id = job_id
-            self._sockets_per_job[job_id] = self._sockets_per_job.get(job_id, 0) + 1
+            self._sockets_of_job.setdefault(job_id, set()).add(sock)
+
+    def _claimed(self, event: ClaimEvent) -> None:
+        """A claim of a job with open sessions was mined (or refused): tell them, in the
+        shapes the SDK listens for (the node itself never sends these)."""
+        sockets = self._sockets_of_job.get(event.job_id)
+        if not sockets or event.kind.value != "proof":
+            return
+        now = int(time.time() * 1000)
+        for sock in list(sockets):
+            session_id = sock.session_id or str(event.job_id)
+            status: dict[str, Any] = {
+                "status": event.state.value,
+                "error": event.error,
+                "checkpoint_index": event.seq,
+                "tokens": event.tokens,
+                "tx_hash": event.tx_hash,
+            }
+            messages: list[dict[str, Any]] = [
+                {"type": "session_status", "session_id": session_id, "checkpoint": status}
+            ]
+            if event.state.value == "confirmed":
+                messages.insert(
+                    0,
+                    {
+                        "type": "checkpoint_submitted",
+                        "session_id": session_id,
+                        "checkpoint_index": event.seq,
+                        "tokens": event.tokens,
+                        "tx_hash": event.tx_hash,
+                    },
+                )
+            for message in messages:
+                task = asyncio.create_task(sock.send({**message, "timestamp": now}))
+                self._settling.add(task)  # kept until sent, like the settlements
+                task.add_done_callback(self._sent_or_gone)
 
     async def _job_tokens(self, job_id: int) -> int:
         totals = await self.ledger.job(job_id)
@@ -492,11 +534,11 @@ class NodeWebSocket:
         job_id = sock.job_id
         if job_id is None:
             return
-        left = self._sockets_per_job.get(job_id, 1) - 1
-        if left > 0:
-            self._sockets_per_job[job_id] = left
+        sockets = self._sockets_of_job.get(job_id, set())
+        sockets.discard(sock)
+        if sockets:
             return
-        self._sockets_per_job.pop(job_id, None)
+        self._sockets_of_job.pop(job_id, None)
         if self.settlement is not None:
             # Its own task: this handler may be cancelled (the client dropped the connection).
             task = asyncio.create_task(
@@ -504,6 +546,11 @@ class NodeWebSocket:
             )
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
+
+    def _sent_or_gone(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a claim notice found its socket gone: %s", task.exception())
 
     async def _settle(self, settlement: Settlement, job_id: int) -> None:
         try:

@@ -53,10 +53,17 @@ async def init(ws: aiohttp.ClientWebSocketResponse, job: int | str) -> dict[str,
     return await receive(ws)
 
 
+NOTICES = ("checkpoint_submitted", "session_status")  # may come at any time, as the SDK allows
+
+
 async def prompt(
-    ws: aiohttp.ClientWebSocketResponse, job: int, max_tokens: int
+    ws: aiohttp.ClientWebSocketResponse,
+    job: int,
+    max_tokens: int,
+    notices: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One streamed prompt as the SDK sends it: the chunks, then stream_end."""
+    """One streamed prompt as the SDK sends it: the chunks, then stream_end (claim notices
+    in between go to ``notices``)."""
     await ws.send_json(
         {
             "type": "prompt",
@@ -68,6 +75,9 @@ async def prompt(
     chunks = []
     while True:
         message = await receive(ws)
+        if message["type"] in NOTICES and notices is not None:
+            notices.append(message)
+            continue
         if message["type"] != "stream_chunk":
             assert message["type"] == "stream_end", message
             return chunks, message
@@ -355,10 +365,10 @@ async def test_models_serve_both_kinds_of_client(llama_server, sidecar_factory) 
             assert resp.status == 200 and (await resp.json())["status"] == "healthy"
         async with http.get(sidecar.url + "/v1/version") as resp:
             assert "websocket-sessions" in (await resp.json())["features"]
-        async with http.get(sidecar.url + "/v1/checkpoints/46n") as resp:
-            assert (await resp.json())["checkpoints"] == []
-        async with http.get(sidecar.url + "/v1/checkpoints/nope") as resp:
-            assert resp.status == 400
+        # No conversation checkpoints on S5 here: the node's 404, which the SDK reads as none.
+        async with http.get(sidecar.url + "/v1/checkpoints/46") as resp:
+            assert resp.status == 404
+            assert await resp.json() == {"error": "No checkpoints found for session 46"}
 
 
 async def test_marketplace_model_names_map_to_the_engines(llama_server, sidecar_factory) -> None:
@@ -444,18 +454,25 @@ async def test_ws_session_claims_and_settles_on_anvil(
         assert (await receive(ws))["type"] == "connected"
         ack = await init(ws, f"{job}n")
         assert ack["type"] == "session_init_ack"
+        notices: list[dict[str, Any]] = []
         for n in (60, 60):  # crossing 100 tokens triggers a claim
-            await prompt(ws, job, n)
+            await prompt(ws, job, n, notices)
         first = await wait_for(confirmed, what="the first claim")
         assert [c.tokens for c in first] == [120]
+        # The SDK's checkpoint_submitted / session_status, once the claim is mined.
+        while len(notices) < 2:
+            notices.append(await receive(ws))
+        submitted, status = notices
+        assert submitted["type"] == "checkpoint_submitted" and status["type"] == "session_status"
+        assert submitted["session_id"] == f"sess-{job}n" and submitted["checkpoint_index"] == 1
+        assert submitted["tokens"] == 120 and submitted["tx_hash"] == first[0].tx_hash
+        assert status["checkpoint"]["status"] == "confirmed"
+        assert status["checkpoint"]["checkpoint_index"] == 1
+        assert type(submitted["timestamp"]) is int
         devnet.increase_time(60)
         devnet.mine()
         for n in (10, 10, 110):
-            await prompt(ws, job, n)
-        async with http.get(f"{sidecar.url}/v1/checkpoints/{job}n") as resp:
-            checkpoints = (await resp.json())["checkpoints"]
-        assert checkpoints[0]["index"] == 1 and checkpoints[0]["token_range"] == [0, 120]
-        assert checkpoints[0]["proof_hash"].startswith("0x") and checkpoints[0]["tx_hash"]
+            await prompt(ws, job, n, notices)
         if ending == "close":
             await ws.close()
         else:

@@ -232,3 +232,43 @@ async def test_sidecar_token_reads_the_scope_from_the_sidecar(
             model="tiny", prompt="hi", max_tokens=5, extra_body={"job_id": job}
         )
     assert getattr(info.value, "status_code", None) == 401
+
+
+async def test_a_dropped_encrypted_session_settles_what_the_ledger_confirmed(
+    llama_server, devnet, sidecar_factory, tmp_path
+) -> None:
+    """The SDK's default session (encrypted, re-init before every prompt), cut without a close
+    frame: the job settles with tokensUsed equal to the ledger's confirmed claims."""
+    from sidecar.ledger import ClaimKind, ClaimState
+    from tests.integration.test_chain_e2e import wait_for
+
+    deployment, job, sidecar = await sidecar_on_job(
+        llama_server, devnet, sidecar_factory, tmp_path, "bound"
+    )
+    devnet.increase_time(60)  # the rate cap allows 1,200 tokens; the dispute window is over
+    devnet.mine()
+    host, client = key_of(devnet.host_account), HostKey(os.urandom(32))
+    served = []
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(sidecar.url.replace("http", "ws") + "/v1/ws")
+        assert (await receive(ws))["type"] == "connected"
+        for n in (50, 40, 30):
+            _, chunks, end = await encrypted_prompt(ws, job, n, host=host, client=client)
+            assert end["tokens_used"] == n == sum(c["tokens"] for c in chunks)
+            served.append(end["usage"]["completion_tokens"])
+        ws._conn.transport.abort()  # type: ignore[attr-defined]  # a client that crashed
+
+        async def settled() -> list:
+            claims = await sidecar.ledger.claims(job)
+            done = [c for c in claims if c.kind is ClaimKind.SETTLE]
+            return done if done and done[0].state is ClaimState.CONFIRMED else []
+
+        await wait_for(settled, what="the settlement")
+    claims = await sidecar.ledger.claims(job)
+    confirmed = sum(
+        c.tokens for c in claims if c.kind is ClaimKind.PROOF and c.state is ClaimState.CONFIRMED
+    )
+    after = devnet.session_job(deployment, job)
+    totals = await sidecar.ledger.job(job)
+    assert after["statusName"] == "Completed"
+    assert after["tokensUsed"] == confirmed == totals.billable_tokens == sum(served) == 120
