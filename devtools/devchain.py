@@ -188,3 +188,19 @@ class Deployment:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryDeployment:
+    """Where the host-discovery doubles live: the NodeRegistry, its stake token (FAB), the
+    ModelRegistry, and a stable token (USDC) hosts price sessions in."""
+
+    chain_id: int
+    node_registry: str
+    stake_token: str
+    model_registry: str
+    stable_token: str
+    model_ids: tuple[str, ...]  # approved, as 0x-hex
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

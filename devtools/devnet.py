@@ -72,6 +72,7 @@ from devtools.devchain import (
     Deployment,
     DevAccount,
     DevnetError,
+    RegistryDeployment,
     Version,
     anvil_path,
     dev_accounts,
@@ -506,6 +507,30 @@ class Devnet:
             fee_basis_points=fee_basis_points,
             block_number=block_number,
             model_id=model_hex,
+        )
+
+    def deploy_registry(
+        self, model_ids: Sequence[bytes], *, stake_for: Sequence[DevAccount] = ()
+    ) -> RegistryDeployment:
+        """Deploy the NodeRegistry double with its FAB stake token, a ModelRegistry approving
+        ``model_ids``, and a USDC-like stable token; mint twice the minimum stake to each of
+        ``stake_for`` (default: the host account)."""
+        fab = self.deploy_contract("StakeToken", "Fabstir Token", "FAB", 18)
+        usdc = self.deploy_contract("StakeToken", "USD Coin", "USDC", 6)
+        models = self.deploy_contract("ModelRegistry")
+        for model_id in model_ids:
+            self.transact(models.functions.setModelApproved(model_id, True), self.deployer)
+        registry = self.deploy_contract("NodeRegistry", fab.address, models.address)
+        stake = 2 * int(registry.functions.MIN_STAKE().call())
+        for account in stake_for or (self.host_account,):
+            self.transact(fab.functions.mint(account.address, stake), self.deployer)
+        return RegistryDeployment(
+            chain_id=self.chain_id,
+            node_registry=str(registry.address),
+            stake_token=str(fab.address),
+            model_registry=str(models.address),
+            stable_token=str(usdc.address),
+            model_ids=tuple("0x" + bytes(m).hex() for m in model_ids),
         )
 
     # -- sessions ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import NoReturn
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, add_arguments, load_settings
 from sidecar.errors import ChainCheckError
+from sidecar.host_command import add_host_parser
 from sidecar.jobs_table import format_jobs_table
 from sidecar.ledger import Claim, JobTotals, claim_totals, open_ledger
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(settle)
 
     add_token_parser(commands)
+    add_host_parser(commands)
 
     commands.add_parser(
         "devnet",
@@ -134,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _settle(load_settings(flags), args.job)
         if args.command == "token":
             return run_token(args)
+        if args.command == "host":
+            from sidecar.host_command import run_host  # web3 only for this command
+
+            return run_host(args)
         if args.command == "jobs":
             return _jobs(load_settings(flags), args.job, as_json=args.json)
         if args.command == "demo":
