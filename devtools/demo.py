@@ -24,6 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devtools.children import start_process, stop_process, wait_for_http
+from devtools.demo_market import (
+    MARKET_MODEL,
+    encrypted_session,
+    job_tokens,
+    refused_strangers,
+    register_host,
+)
 from devtools.devchain import Deployment
 from devtools.devnet import Devnet
 from devtools.engine import Engine, free_port
@@ -89,9 +96,7 @@ def run_demo(model: str, workdir: str | None = None) -> int:
             engine.start()
             print(f"2. engine: llama-cpp-python server on {model} at {engine.base_url}")
             print(f"3. sidecar: {sidecar_url} -> {engine.base_url}, ledger {ledger}")
-            command = _sidecar_command(
-                engine.base_url, sidecar_port, ledger, chain, deployment, key_file
-            )
+            command = _sidecar_command(engine, sidecar_port, ledger, chain, deployment, key_file)
             sidecar = start_process(command, folder / "sidecar.log", new_session=True)
             try:
                 wait_for_http(
@@ -101,27 +106,46 @@ def run_demo(model: str, workdir: str | None = None) -> int:
                     log_path=folder / "sidecar.log",
                     timeout=30,
                 )
-                client = OpenAI(base_url=sidecar_url + "/v1", api_key="none", max_retries=0)
+                print("4. the host publishes itself in the marketplace (sidecar host register):")
+                _, public_key = register_host(chain, deployment, key_file, sidecar_url)
+                print("5. a client proves it is the job's (--session-auth bound, the default):")
+                requester_key = folder / "requester.key"
+                requester_key.write_text(chain.requester.key)
+                tokens = job_tokens(chain, sidecar_url, jobs, requester_key)
+                clients = {
+                    str(job): OpenAI(base_url=sidecar_url + "/v1", api_key=tokens[job])
+                    for job in jobs
+                }
+                clients["unattributed"] = OpenAI(base_url=sidecar_url + "/v1", api_key="none")
                 seen: dict[str, _Seen] = {}
-                print("4. requests through the sidecar with the OpenAI SDK:")
-                _send_requests(client, seen, jobs)
-                print("   a marketplace client's WebSocket session (the host node API, /v1/ws):")
+                print("6. requests through the sidecar with the OpenAI SDK (job token as api_key):")
+                _send_requests(clients, seen, jobs)
+                print("   strangers, once the jobs are in use (bound to the depositor's key):")
+                stranger = job_token_for(chain, deployment, jobs[0], chain.stranger.key)
+                refused = refused_strangers(sidecar_url, jobs[0], stranger)
+                print("   the marketplace SDK's default session (encrypted, /v1/ws):")
                 asyncio.run(
-                    _ws_session(sidecar_url, jobs[1], seen.setdefault(str(jobs[1]), _Seen()))
+                    encrypted_session(
+                        chain,
+                        sidecar_url,
+                        jobs[1],
+                        public_key,
+                        seen.setdefault(str(jobs[1]), _Seen()),
+                    )
                 )
-                print("5. claims (submitProofOfWork) as the sidecar sends them:")
+                print("7. claims (submitProofOfWork) as the sidecar sends them:")
                 views = _settle_all(sidecar_url, jobs)
                 with urllib.request.urlopen(sidecar_url + "/sidecar/jobs", timeout=10) as resp:
                     listed = json.loads(resp.read())["jobs"]
             finally:
                 stop_process(sidecar, 30)
-            print("6. sidecar stopped; the ledger says (`sidecar jobs`):\n")
+            print("8. sidecar stopped; the ledger says (`sidecar jobs`):\n")
         finally:
             engine.stop(timeout=30)
         totals = [_totals_from_json(j) for j in listed]
         print(format_jobs_table(totals))
         print()
-        ok = _compare(totals, seen)
+        ok = _compare(totals, seen) and refused
         ok &= _show_settlement(chain, deployment, jobs, views)
     if not workdir:
         shutil.rmtree(folder, ignore_errors=True)
@@ -129,21 +153,26 @@ def run_demo(model: str, workdir: str | None = None) -> int:
 
 
 def _sidecar_command(
-    engine_url: str,
+    engine: Engine,
     port: int,
     ledger: Path,
     chain: Devnet,
     deployment: Deployment,
     key_file: Path,
 ) -> list[str]:
-    """``sidecar serve`` in front of the engine, claiming on the devnet's v1 double."""
+    """``sidecar serve`` in front of the engine, claiming on the devnet's v1 double, the model
+    under its marketplace name, jobs bound to their clients (the default with a chain)."""
     return [
         sys.executable,
         "-m",
         "sidecar",
         "serve",
         "--upstream",
-        engine_url,
+        engine.base_url,
+        "--model",
+        f"{MARKET_MODEL}={engine.model_id}",
+        "--context-window",
+        str(engine.n_ctx),
         "--listen",
         f"127.0.0.1:{port}",
         "--ledger",
@@ -161,6 +190,18 @@ def _sidecar_command(
         "--dispute-window",
         "30",
     ]
+
+
+def job_token_for(chain: Devnet, deployment: Deployment, job: int, key: str) -> str:
+    from sidecar.auth.tokens import make_job_token
+
+    return make_job_token(
+        key,
+        chain_id=chain.chain_id,
+        marketplace=deployment.marketplace,
+        host=chain.host_account.address,
+        job_id=job,
+    )
 
 
 def _get_json(url: str, method: str = "GET") -> dict[str, Any]:
@@ -242,7 +283,9 @@ def _show_settlement(
     return ok
 
 
-def _send_requests(client: OpenAI, seen: dict[str, _Seen], jobs: tuple[int, int]) -> None:
+def _send_requests(
+    clients: dict[str, OpenAI], seen: dict[str, _Seen], jobs: tuple[int, int]
+) -> None:
     a, b = str(jobs[0]), str(jobs[1])
     plan: list[tuple[str, dict[str, object], str, bool, int]] = [
         # (job as the client names it, how it names it, route, stream, max_tokens)
@@ -256,7 +299,7 @@ def _send_requests(client: OpenAI, seen: dict[str, _Seen], jobs: tuple[int, int]
     for job, naming, route, stream, max_tokens in plan:
         tally = seen.setdefault(job, _Seen())
         tally.requests += 1
-        got, source = _one_request(client, route, stream, max_tokens, naming)
+        got, source = _one_request(clients[job], route, stream, max_tokens, naming)
         tally.completion_tokens += got
         shown = json.dumps(naming) if naming else "no job"
         kind = "stream" if stream else "json  "
@@ -277,7 +320,7 @@ def _one_request(
         ]
         if stream:
             chunks = client.chat.completions.create(
-                model="tiny",
+                model=MARKET_MODEL,
                 messages=messages,
                 max_tokens=max_tokens,
                 extra_body=naming,
@@ -286,49 +329,19 @@ def _one_request(
             received = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
             return received, "chunks received"
         answer = client.chat.completions.create(
-            model="tiny", messages=messages, max_tokens=max_tokens, extra_body=naming
+            model=MARKET_MODEL, messages=messages, max_tokens=max_tokens, extra_body=naming
         )
         return (answer.usage.completion_tokens if answer.usage else 0), "engine usage"
     prompt = "Once upon a time"
     if stream:
         pieces = client.completions.create(
-            model="tiny", prompt=prompt, max_tokens=max_tokens, extra_body=naming, stream=True
+            model=MARKET_MODEL, prompt=prompt, max_tokens=max_tokens, extra_body=naming, stream=True
         )
         return sum(1 for c in pieces if c.choices and c.choices[0].text), "chunks received"
     completion = client.completions.create(
-        model="tiny", prompt=prompt, max_tokens=max_tokens, extra_body=naming
+        model=MARKET_MODEL, prompt=prompt, max_tokens=max_tokens, extra_body=naming
     )
     return (completion.usage.completion_tokens if completion.usage else 0), "engine usage"
-
-
-async def _ws_session(sidecar_url: str, job: int, tally: _Seen) -> None:
-    """init, three streamed prompts, session_end: as the marketplace SDK does it."""
-    import aiohttp
-
-    ws_url = sidecar_url.replace("http://", "ws://") + "/v1/ws"
-    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url) as ws:
-        greeting = await ws.receive_json()  # the node's "connected", first on every socket
-        assert greeting["type"] == "connected", greeting
-        await ws.send_json(
-            {"type": "session_init", "session_id": f"demo-{job}", "jobId": f"{job}n"}
-        )
-        ack = await ws.receive_json()
-        print(f"   session_init -> {ack['type']}, tokens so far {ack.get('tokens_used')}")
-        for max_tokens in (40, 50, 60):
-            request = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True}
-            await ws.send_json({"type": "prompt", "jobId": f"{job}n", "request": request})
-            chunks = 0
-            while (message := await ws.receive_json())["type"] == "stream_chunk":
-                chunks += message["tokens"]
-            tally.requests += 1
-            tally.completion_tokens += chunks
-            print(
-                f"   prompt max_tokens={max_tokens:<3} -> {chunks} stream_chunk tokens, "
-                f"{message['type']} tokens_used={message.get('tokens_used')}, "
-                f"session total {message.get('session_tokens')}"
-            )
-        await ws.send_json({"type": "session_end"})
-        await ws.receive_json()
 
 
 def _totals_from_json(j: dict[str, object]) -> JobTotals:

@@ -121,9 +121,10 @@ class SessionAuth:
             )
         depositor = self._depositor_of(job_id) if self._depositor_of is not None else None
         address = requester.address.lower()
-        if depositor is not None and address == depositor.lower():
-            return  # the job's owner, in either mode
+        is_depositor = depositor is not None and address == depositor.lower()
         if self.mode == "depositor":
+            if is_depositor:
+                return
             raise JobRefused(
                 f"job {job_id} is served to its depositor only, and {requester.proof} was "
                 f"signed by {address}",
@@ -139,7 +140,7 @@ class SessionAuth:
             self._bound[job_id] = bound
             if bound == address:
                 log.info("job %s bound to %s (%s)", job_id, address, requester.proof)
-        if bound != address:
+        if bound != address and not is_depositor:  # the job's owner is never locked out
             raise JobRefused(
                 f"job {job_id} is bound to another client; {requester.proof} was signed by "
                 f"{address}",

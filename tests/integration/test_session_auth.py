@@ -203,7 +203,9 @@ async def test_sidecar_token_reads_the_scope_from_the_sidecar(
 
     from openai import AsyncOpenAI
 
-    _, job, sidecar = await sidecar_on_job(llama_server, devnet, sidecar_factory, tmp_path, "bound")
+    deployment, job, sidecar = await sidecar_on_job(
+        llama_server, devnet, sidecar_factory, tmp_path, "bound"
+    )
     key_file = tmp_path / "client.key"
     key_file.write_text(devnet.requester.key)
     command = ["-m", "sidecar", "token", "--job", f"{job}n", "--key-file", str(key_file)]
@@ -232,6 +234,12 @@ async def test_sidecar_token_reads_the_scope_from_the_sidecar(
             model="tiny", prompt="hi", max_tokens=5, extra_body={"job_id": job}
         )
     assert getattr(info.value, "status_code", None) == 401
+    # The depositor's first use bound the job to it: a stranger's own token cannot take it.
+    assert await sidecar.ledger.binding(job) == devnet.requester.address.lower()
+    async with aiohttp.ClientSession() as http:
+        stranger_token = job_token(devnet, deployment, job, signer=devnet.stranger)
+        status, body = await complete(http, sidecar.url, job, stranger_token)
+    assert status == 403 and body["error"]["code"] == "job_bound_to_another_client"
 
 
 async def test_a_dropped_encrypted_session_settles_what_the_ledger_confirmed(
