@@ -43,6 +43,11 @@ EXCHANGE_KEY = web.AppKey("exchange", Exchange)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+_WHO_IS_SERVED = {
+    "none": "whoever names them (--session-auth none)",
+    "bound": "their first authenticated client (--session-auth bound)",
+    "depositor": "their depositors only (--session-auth depositor)",
+}
 
 
 def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Application:
@@ -161,12 +166,14 @@ async def serve(settings: Settings) -> None:
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     log.info(
-        "sidecar listening on http://%s:%d, relaying to %s (engine %s), ledger %s",
+        "sidecar listening on http://%s:%d, relaying to %s (engine %s), ledger %s, "
+        "jobs served to %s",
         host,
         port,
         settings.upstream,
         settings.engine,
         settings.ledger_url,
+        _WHO_IS_SERVED[settings.session_auth_mode],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -324,24 +324,18 @@ class Exchange:
         if self.chain is not None and record.job_id is not None:
             self.chain.note_usage(record.job_id)
 
-    async def receipt(self, call: Call, usage: Usage, *, full: bool = True) -> dict[str, str]:
+    async def receipt(self, call: Call, usage: Usage) -> dict[str, str]:
         """What a metered answer tells its client about the job, once its record is committed:
-        the job and this answer's billable tokens; ``full`` adds the job's tokens so far and
-        (with a chain) what the deposit still covers, in tokens. Empty without a job.
-
-        ``full`` costs an aggregate read of the job's ledger records (its cost grows with the
-        job), so it is given to clients that ask (``X-Sidecar-Receipt: 1``), not to every answer:
-        on every answer it took the bench's CPU per JSON request from about 250 to 1,900 us."""
+        the job, this answer's billable tokens, the job's tokens so far (one row of the ledger's
+        per-job totals) and, with a chain, what the deposit still covers, in tokens. Empty
+        without a job."""
         if call.job_id is None:
             return {}
         out = {
             RECEIPT_JOB: str(call.job_id),
             RECEIPT_TOKENS: str(billable_tokens(call.endpoint, usage, bill_total=self.bill_total)),
         }
-        if not full:
-            return out
-        totals = await self.ledger.job(call.job_id)
-        job_tokens = 0 if totals is None else totals.billable_tokens
+        job_tokens = await self.ledger.job_tokens(call.job_id)
         out[RECEIPT_JOB_TOKENS] = str(job_tokens)
         left = None if self.chain is None else self.chain.tokens_left(call.job_id, job_tokens)
         if left is not None:

@@ -178,5 +178,4 @@ class JobAdmission:
         return job
 
     async def _metered(self, job_id: int) -> int:
-        totals = await self._ledger.job(job_id)
-        return 0 if totals is None else totals.billable_tokens
+        return await self._ledger.job_tokens(job_id)  # one row, not a sum over the job

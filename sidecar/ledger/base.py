@@ -202,6 +202,11 @@ class Ledger(ABC):
         """Totals of one job (None: unattributed), or None when the ledger has no record of it."""
 
     @abstractmethod
+    async def job_tokens(self, job_id: int) -> int:
+        """The job's billable tokens so far (0 for a job with no record): one row's read, for
+        every answer's receipt and admission."""
+
+    @abstractmethod
     async def jobs(self) -> list[JobTotals]:
         """Totals of every job, unattributed last."""
 

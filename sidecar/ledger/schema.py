@@ -86,6 +86,45 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 4: each job's billable tokens so far, kept by triggers in the records' own transactions:
+    # a receipt (and admission) reads one row instead of summing every record of the job.
+    # (No INSERT OR IGNORE in the triggers: the outer upsert's conflict policy would override it.)
+    (
+        """
+        CREATE TABLE job_totals (
+            job_id          TEXT    PRIMARY KEY,
+            billable_tokens INTEGER NOT NULL CHECK (billable_tokens >= 0)
+        )
+        """,
+        """
+        CREATE TRIGGER job_totals_on_insert AFTER INSERT ON usage_records
+        WHEN NEW.job_id IS NOT NULL
+        BEGIN
+            INSERT INTO job_totals (job_id, billable_tokens) SELECT NEW.job_id, 0
+            WHERE NOT EXISTS (SELECT 1 FROM job_totals WHERE job_id = NEW.job_id);
+            UPDATE job_totals SET billable_tokens = billable_tokens + NEW.billable_tokens
+            WHERE job_id = NEW.job_id;
+        END
+        """,
+        """
+        CREATE TRIGGER job_totals_on_update AFTER UPDATE OF job_id, billable_tokens
+        ON usage_records
+        BEGIN
+            UPDATE job_totals SET billable_tokens = billable_tokens - OLD.billable_tokens
+            WHERE job_id = OLD.job_id;
+            INSERT INTO job_totals (job_id, billable_tokens) SELECT NEW.job_id, 0
+            WHERE NEW.job_id IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM job_totals WHERE job_id = NEW.job_id);
+            UPDATE job_totals SET billable_tokens = billable_tokens + NEW.billable_tokens
+            WHERE job_id = NEW.job_id;
+        END
+        """,
+        """
+        INSERT INTO job_totals (job_id, billable_tokens)
+        SELECT job_id, SUM(billable_tokens) FROM usage_records
+        WHERE job_id IS NOT NULL GROUP BY job_id
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

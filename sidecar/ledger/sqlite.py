@@ -450,6 +450,15 @@ class SQLiteLedger(Ledger):
         rows = await self._read(lambda conn: conn.execute(_JOB_TOTALS, (job_text,)).fetchall())
         return _totals_from_row(rows[0]) if rows else None
 
+    async def job_tokens(self, job_id: int) -> int:
+        job_text = _job_text(job_id)
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT billable_tokens FROM job_totals WHERE job_id = ?", (job_text,)
+            ).fetchone()
+        )
+        return 0 if row is None else int(row[0])
+
     async def jobs(self) -> list[JobTotals]:
         rows = await self._read(lambda conn: conn.execute(_ALL_TOTALS).fetchall())
         return [_totals_from_row(row) for row in rows]

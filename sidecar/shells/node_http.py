@@ -28,7 +28,7 @@ from sidecar.ledger import Ledger
 from sidecar.metering import Endpoint, InvalidJobId, resolve_job_id, safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS
 from sidecar.models import ModelNames
-from sidecar.shells.headers import RECEIPT_REQUEST_HEADER, call_headers
+from sidecar.shells.headers import call_headers
 from sidecar.shells.http import abort_client, read_body
 from sidecar.shells.node_protocol import (
     InferenceParams,
@@ -122,10 +122,7 @@ class NodeHttp:
             measured = await self.measure(served)
             endpoint, body = to_openai(served)
             if not params.stream:
-                full_receipt = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
-                return await self._answer(
-                    params, endpoint, body, job_id, requester, measured, full_receipt=full_receipt
-                )
+                return await self._answer(params, endpoint, body, job_id, requester, measured)
             try:
                 stream = await self.exchange.call_stream(endpoint, body, job_id, requester)
             except UpstreamError as exc:
@@ -172,8 +169,6 @@ class NodeHttp:
         job_id: int | None,
         requester: Requester | None,
         measured: Measured,
-        *,
-        full_receipt: bool,
     ) -> web.Response:
         answer, reply = await self.call(endpoint, body, job_id, requester)
         out: dict[str, Any] = {
@@ -184,7 +179,7 @@ class NodeHttp:
             out["chain_id"] = params.chain_id or self.chain_id
         headers = {
             **call_headers(answer.key, answer.max_tokens),
-            **await self.exchange.receipt(answer.call, answer.usage, full=full_receipt),
+            **await self.exchange.receipt(answer.call, answer.usage),
         }
         return web.json_response(out, headers=headers)
 

@@ -338,8 +338,7 @@ class NodeWebSocket:
                 task.add_done_callback(self._sent_or_gone)
 
     async def _job_tokens(self, job_id: int) -> int:
-        totals = await self.ledger.job(job_id)
-        return 0 if totals is None else totals.billable_tokens
+        return await self.ledger.job_tokens(job_id)
 
     async def _prompt(self, sock: _Socket, obj: dict[str, Any]) -> None:
         request = obj.get("request")

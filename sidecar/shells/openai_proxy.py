@@ -149,8 +149,7 @@ class OpenAIProxy:
         answer = await self.exchange.answer(call, upstream)
         headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
         headers.update(call_headers(call.key, call.max_tokens))
-        full = request.headers.get(RECEIPT_REQUEST_HEADER) == "1"
-        headers.update(await self.exchange.receipt(call, answer.usage, full=full))
+        headers.update(await self.exchange.receipt(call, answer.usage))
         return web.Response(
             status=upstream.status, reason=upstream.reason, body=answer.body, headers=headers
         )

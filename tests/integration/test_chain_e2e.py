@@ -253,8 +253,8 @@ async def test_concurrent_streams_are_never_served_past_the_deposit(
 async def test_receipts_on_json_answers_and_asked_for_streams(
     llama_server, devnet, sidecar_factory, tmp_path
 ) -> None:
-    """A JSON answer carries the job, its billable tokens, the job's so far and what the deposit
-    still covers; a stream whose client asks (X-Sidecar-Receipt: 1) gets the same as an SSE
+    """Every JSON answer carries the job, its billable tokens, the job's so far and what the
+    deposit still covers; a stream whose client asks (X-Sidecar-Receipt: 1) gets the same as an SSE
     comment before [DONE], and the OpenAI SDK reads that stream as any other."""
     job, sidecar = await sidecar_for_tokens(llama_server, devnet, sidecar_factory, tmp_path, 1000)
     async with aiohttp.ClientSession() as http:
@@ -274,9 +274,9 @@ async def test_receipts_on_json_answers_and_asked_for_streams(
             "X-Sidecar-Deposit-Left": "993",
         }
         async with http.post(f"{sidecar.url}/v1/completions", json=body) as resp:
-            plain = {k for k in resp.headers if k.startswith("X-Sidecar-")}
-        # Unasked: the job and this answer only (the job's total costs a ledger read).
-        assert plain == {"X-Sidecar-Request-Id", "X-Sidecar-Job", "X-Sidecar-Tokens"}
+            plain = {k: v for k, v in resp.headers.items() if k.startswith("X-Sidecar-")}
+        # Unasked too: every metered JSON answer carries the whole receipt.
+        assert plain["X-Sidecar-Job-Tokens"] == "14" and plain["X-Sidecar-Deposit-Left"] == "986"
         stream_body = {**body, "max_tokens": 5, "stream": True}
         headers = {"X-Sidecar-Receipt": "1"}
         async with http.post(

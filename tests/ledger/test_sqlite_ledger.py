@@ -501,3 +501,47 @@ async def test_flush_waits_for_records_submitted_without_waiting(ledger: SQLiteL
     await ledger.flush()
     # A fresh reader sees them all: flush resolved only after their commit.
     assert len(await ledger.records(1)) == 50
+
+
+async def test_job_tokens_follow_every_write_as_the_aggregate_does(ledger: SQLiteLedger) -> None:
+    """The per-job totals the receipts read (kept by triggers) equal the sum over records,
+    through progress updates, a final record, refused downgrades and unattributed records."""
+    big = UINT256_MAX
+    writes = [
+        rec("a", 1, billable=3),
+        rec("a", 1, billable=40),  # progress of an open stream
+        rec("b", 2, billable=7, state=FINAL),
+        rec("a", 1, billable=64, state=FINAL),
+        rec("a", 1, billable=99, state=OPEN),  # a final record never changes again
+        rec("c", None, billable=11, state=FINAL),
+        rec("d", big, billable=5, state=ABORTED),
+        rec("e", 1, billable=0, state=FINAL),
+    ]
+    for record in writes:
+        await ledger.write(record)
+        for job in (1, 2, big):
+            totals = await ledger.job(job)
+            assert await ledger.job_tokens(job) == (0 if totals is None else totals.billable_tokens)
+    assert [await ledger.job_tokens(j) for j in (1, 2, big, 3)] == [64, 7, 5, 0]
+
+
+async def test_migration_4_adds_up_the_records_already_there(tmp_path: Path) -> None:
+    """A ledger written before the totals table gets them from its records when it opens."""
+    path = tmp_path / "old.db"
+    conn = raw(path)
+    migrate(conn, MIGRATIONS[:3])
+    ledger = SQLiteLedger(path)
+    for version in (3,):
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == version
+    conn.execute(
+        "INSERT INTO usage_records VALUES ('k1', '5', 'chat', 'm', 1, 9, 9, 'counted', 'final',"
+        " 200, 1, 1), ('k2', '5', 'chat', 'm', 1, 4, 4, 'counted', 'open', 200, 1, 1)"
+    )
+    conn.close()
+    await ledger.open()
+    try:
+        assert await ledger.job_tokens(5) == 13
+        await ledger.write(rec("k2", 5, billable=6, state=FINAL))
+        assert await ledger.job_tokens(5) == 15
+    finally:
+        await ledger.close()
