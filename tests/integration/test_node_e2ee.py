@@ -257,3 +257,38 @@ async def test_v1_health_and_the_key_challenge(
             bare.url + "/v1/auth/challenge", json={"challenge": challenge}
         ) as resp:
             assert resp.status == 404
+
+
+async def test_encrypted_stream_cancel_and_a_reconnect(
+    llama_server, sidecar_factory, host_key_file
+) -> None:
+    """stream_cancel mid-answer (the SDK's own frame, plaintext): a stream_end cancelled with
+    no encrypted_response, the tokens sent metered; a new socket goes on with the same job."""
+    sidecar = await sidecar_factory(llama_server.base_url, host_key_file=host_key_file)
+    job = 79
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(sidecar.url + "/v1/ws") as ws:
+            assert (await receive(ws))["type"] == "connected"
+            session_key = os.urandom(32)
+            await ws.send_json(sealed_init(job, session_key))
+            assert (await receive(ws))["type"] == "session_init_ack"
+            message = sealed_message(session_key, job, {"prompt": "go", "max_tokens": 1900})
+            await ws.send_json(message)
+            assert (await receive(ws))["type"] == "encrypted_chunk"
+            await ws.send_json(
+                {"type": "stream_cancel", "session_id": str(job), "reason": "user_cancelled"}
+            )
+            kinds, chunks = [], 1
+            while (reply := await receive(ws))["type"] != "stream_end":
+                kinds.append(reply["type"])
+                chunks += reply["type"] == "encrypted_chunk"
+            assert set(kinds) <= {"encrypted_chunk"}  # no encrypted_response after a cancel
+            assert reply["reason"] == "cancelled" and reply["finish_reason"] == "cancelled"
+            assert reply["id"] == message["id"] and reply["session_id"] == str(job)
+            assert chunks <= reply["tokens_used"] < 1900
+        async with http.ws_connect(sidecar.url + "/v1/ws") as ws:  # a reconnect
+            assert (await receive(ws))["type"] == "connected"
+            _, _, end = await encrypted_prompt(ws, job, 4)
+            assert end["session_tokens"] == reply["tokens_used"] + 4
+    totals = await sidecar.ledger.job(job)
+    assert totals is not None and totals.billable_tokens == reply["tokens_used"] + 4
