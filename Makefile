@@ -8,6 +8,9 @@ MODEL := var/tiny.gguf
 # llama-cpp-python compiles llama.cpp from source: use both cores.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
+# The second real engine: llama.cpp's llama-server, built from the pinned llama-cpp-python sdist.
+LLAMA_SERVER := var/llama.cpp/build/bin/llama-server
+
 DEVCHAIN := devchain
 DEVCHAIN_INSTALLED := $(DEVCHAIN)/node_modules/.package-lock.json
 DEVCHAIN_BUILT := $(DEVCHAIN)/build/.compiled
@@ -40,7 +43,10 @@ $(MODEL): $(STAMP) upstream/make_tiny_model.py
 demo: $(STAMP) $(MODEL) $(DEVCHAIN_BUILT)
 	$(BIN)/python -m devtools.demo --model $(MODEL)
 
-test: lint $(DEVCHAIN_BUILT)
+$(LLAMA_SERVER): $(STAMP)
+	$(BIN)/python upstream/build_llama_server.py var/llama.cpp
+
+test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER)
 	$(BIN)/python -m pytest
 
 # ruff, then the type checker over sidecar/ and devtools/ (settings: pyproject.toml [tool.mypy]).

@@ -241,3 +241,49 @@ class Engine:
         )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return bytes(response.read())
+
+
+LLAMA_SERVER_BINARY = REPO_ROOT / "var" / "llama.cpp" / "build" / "bin" / "llama-server"
+
+
+class LlamaCppServer(Engine):
+    """llama.cpp's own ``llama-server`` (the second real engine), built by
+    ``upstream/build_llama_server.py`` from the same llama.cpp as llama-cpp-python; same
+    interface as :class:`Engine`. One slot (``-np 1``), so ``n_ctx`` is each request's window."""
+
+    def _spawn_and_wait(self) -> None:
+        assert self.log_dir is not None and self.port is not None and self.model is not None
+        if not LLAMA_SERVER_BINARY.exists():
+            raise EngineError(
+                f"{LLAMA_SERVER_BINARY} is not built: run `make test` or "
+                "`python upstream/build_llama_server.py var/llama.cpp`"
+            )
+        command = [
+            str(LLAMA_SERVER_BINARY),
+            "--model",
+            str(self.model),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--ctx-size",
+            str(self.n_ctx),
+            "--parallel",
+            "1",
+            "--threads",
+            str(self.threads or 1),
+            "--no-webui",
+            *(("--alias", self.model_alias) if self.model_alias else ()),
+            *self.extra_args,
+        ]
+        self.log_path = self.log_dir / (self.log_name or f"llama-cpp-server-{self.port}.log")
+        self.process = start_process(command, self.log_path, new_session=self.new_session)
+        _running.add(self)
+        wait_for_http(
+            self.process,
+            self.base_url + "/health",  # 503 while the model loads, 200 once it serves
+            name="llama-server",
+            log_path=self.log_path,
+            timeout=self.startup_timeout,
+            error=EngineError,
+        )

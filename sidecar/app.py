@@ -19,6 +19,7 @@ from aiohttp import web
 from sidecar.auth import SessionAuth, TokenScope
 from sidecar.config import Settings
 from sidecar.engine import EngineClient
+from sidecar.engine_detect import EngineIdentity
 from sidecar.engine_facts import EngineFacts
 from sidecar.exchange import Exchange
 from sidecar.ledger import Ledger, open_ledger
@@ -70,7 +71,8 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         host_key = HostKey(bytes.fromhex(settings.read_host_key()[2:]))
     auth = session_auth(settings, ledger, chain, host_key)
     model_names = ModelNames(settings.model_names)
-    exchange = Exchange(settings, ledger, metrics, engine, chain, auth)
+    identity = EngineIdentity(settings.engine)
+    exchange = Exchange(settings, ledger, metrics, engine, chain, auth, identity)
     node_http = NodeHttp(
         exchange,
         engine,
@@ -78,7 +80,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         chain_id=settings.chain_id,
         max_body_bytes=settings.max_body_bytes,
         model_names=model_names,
-        facts=EngineFacts(engine, settings.engine, settings.context_window),
+        facts=EngineFacts(engine, identity, settings.context_window),
         host_key=host_key,
     )
     node_ws = NodeWebSocket(
@@ -90,7 +92,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         host_key=host_key,  # encrypted sessions open to this key
     )
     proxy = OpenAIProxy(exchange, engine, settings.max_body_bytes, model_names)
-    admin = Admin(ledger, metrics, engine, settings.admin_token, chain)
+    admin = Admin(ledger, metrics, engine, settings.admin_token, chain, identity)
     # The shells read bodies themselves (with their own limit and an OpenAI-shaped 413).
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[LEDGER_KEY] = ledger
@@ -114,8 +116,10 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
             if chain is not None:
                 await chain.start()  # refuses to start on a wrong chain, address or version
             await engine.start()
+            await identity.start(engine)  # auto: which engine answers (again when it comes back)
             yield
         finally:
+            await identity.stop()
             await engine.close()
             if chain is not None:
                 await chain.stop()

@@ -68,9 +68,9 @@ class Settings:
         "http://127.0.0.1:8000", "base URL of the unchanged OpenAI-compatible engine", metavar="URL"
     )
     engine: str = _opt(
-        "llama-cpp-python",
-        "the engine's usage dialect: llama-cpp-python reports no usage in streams (chunks are "
-        "counted); the others report it only when asked, so the sidecar asks",
+        "auto",
+        "the engine's usage dialect (docs/ENGINES.md): auto recognises it from its own answers "
+        "at start and whenever it comes back; a name forces that dialect",
         choices=ENGINE_NAMES,
     )
     ledger: str = _opt(

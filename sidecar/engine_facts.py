@@ -1,9 +1,10 @@
 """What the marketplace protocol reports that a stream may not carry: a prompt's token count (the
 engine's own tokenizer) and the engine's context window.
 
-Each engine exposes these (where it does) at its own documented route; this table says which,
-and nothing here depends on an engine's internals. A count the engine cannot give is None, and
-the caller says 0 or omits it, as the node does. The operator's ``--context-window`` wins over
+Each engine exposes these (where it does) at its own documented route; its dialect
+(:mod:`sidecar.metering.dialects`) says which, and nothing here depends on an engine's
+internals. A count the engine cannot give is None, and the caller says 0 or omits it, as the
+node does. The operator's ``--context-window`` wins over
 what the engine says (some engines, llama-cpp-python among them, do not say).
 """
 
@@ -13,43 +14,18 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from sidecar.engine import EngineClient
+from sidecar.engine_detect import EngineIdentity
 from sidecar.errors import UpstreamError
 
 log = logging.getLogger("sidecar.engine")
 
 FACT_TIMEOUT = 5.0  # seconds for one tokenize or context-window request
 WINDOW_RETRY = 60.0  # seconds before asking again an engine that did not say its window
-
-
-@dataclass(frozen=True, slots=True)
-class Tokenizer:
-    path: str  # POST route
-    text_field: str  # the field the text goes in
-
-
-@dataclass(frozen=True, slots=True)
-class WindowSource:
-    path: str  # GET route
-    keys: tuple[tuple[str | int, ...], ...]  # paths into the JSON answer, first found wins
-
-
-TOKENIZERS: dict[str, Tokenizer] = {
-    "llama-cpp-python": Tokenizer("/extras/tokenize/count", "input"),  # {"count": n}
-    "llama-server": Tokenizer("/tokenize", "content"),  # {"tokens": [...]}
-    "vllm": Tokenizer("/tokenize", "prompt"),  # {"count", "max_model_len", "tokens"}
-    "tgi": Tokenizer("/tokenize", "inputs"),  # [{"id", "text", ...}, ...]
-}
-WINDOWS: dict[str, WindowSource] = {
-    "llama-server": WindowSource("/props", (("default_generation_settings", "n_ctx"), ("n_ctx",))),
-    "vllm": WindowSource("/v1/models", (("data", 0, "max_model_len"),)),
-    "tgi": WindowSource("/info", (("max_input_tokens",), ("max_input_length",))),
-}
 
 
 def token_count(answer: Any) -> int | None:
@@ -74,16 +50,17 @@ def dig(answer: Any, keys: tuple[str | int, ...]) -> int | None:
 
 
 class EngineFacts:
-    def __init__(self, engine: EngineClient, engine_name: str, context_window: int = 0) -> None:
+    def __init__(
+        self, engine: EngineClient, identity: EngineIdentity, context_window: int = 0
+    ) -> None:
         self._engine = engine
-        self._tokenizer = TOKENIZERS.get(engine_name)
-        self._window_source = WINDOWS.get(engine_name)
+        self._identity = identity  # the dialect in force says which routes to ask
         self._configured_window = context_window or None
-        self._window: tuple[float, int | None] | None = None
+        self._window: tuple[float, str, int | None] | None = None
 
     async def prompt_tokens(self, text: str, model: str | None) -> int | None:
         """The engine's count of ``text``'s tokens, or None when it cannot give one."""
-        tokenizer = self._tokenizer
+        tokenizer = self._identity.profile.tokenize
         if tokenizer is None:
             return None
         body: dict[str, Any] = {tokenizer.text_field: text}
@@ -95,15 +72,17 @@ class EngineFacts:
         """The context window in tokens: the operator's setting, else the engine's own."""
         if self._configured_window is not None:
             return self._configured_window
-        source = self._window_source
+        profile = self._identity.profile
+        source = profile.window
         if source is None:
             return None
         cached = self._window
-        if cached is not None and (cached[1] is not None or time.monotonic() < cached[0]):
-            return cached[1]
+        fresh = cached is not None and cached[1] == profile.name
+        if cached is not None and fresh and (cached[2] is not None or time.monotonic() < cached[0]):
+            return cached[2]
         answer = await self._ask("GET", source.path)
         window = next((n for keys in source.keys if (n := dig(answer, keys)) is not None), None)
-        self._window = (time.monotonic() + WINDOW_RETRY, window)
+        self._window = (time.monotonic() + WINDOW_RETRY, profile.name, window)
         return window
 
     async def _ask(self, method: str, path: str, body: bytes = b"") -> Any:

@@ -38,10 +38,10 @@ from typing import Any, Protocol
 
 from sidecar.auth import Requester, SessionAuth
 from sidecar.config import Settings
+from sidecar.engine_detect import EngineIdentity
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
 from sidecar.ledger import Ledger, RecordState, UsageRecord
 from sidecar.metering import DONE, Endpoint, Source, SSEDecoder, StreamMeter, Usage, estimate
-from sidecar.metering.dialects import engine_profile
 from sidecar.metering.requests import cap_max_tokens
 from sidecar.metering.usage import usage_from_body
 from sidecar.metrics import Metrics
@@ -176,6 +176,7 @@ class Exchange:
         engine: Engine,
         chain: JobGate | None = None,
         auth: SessionAuth | None = None,
+        identity: EngineIdentity | None = None,
     ) -> None:
         self.ledger = ledger
         self.auth = auth  # who may use a job (--session-auth); None: whoever names it
@@ -184,13 +185,18 @@ class Exchange:
         self.chain = chain
         self.require_job = settings.require_job
         self.bill_total = settings.bill == "total"
-        self.inject_include_usage = engine_profile(settings.engine).inject_include_usage
+        self.identity = identity or EngineIdentity(settings.engine)
         self.default_max_tokens = settings.default_max_tokens
         self.reservations = Reservations()
         # Idempotency keys: a random 64-bit prefix per process and a counter (uuid4 would cost
         # a system call per request); unique across restarts and replicas.
         prefix = os.urandom(8).hex()
         self._keys = (f"{prefix}-{n:x}" for n in itertools.count(1))
+
+    @property
+    def inject_include_usage(self) -> bool:
+        """Ask the engine for a stream's usage (the dialect in force, which auto may change)."""
+        return self.identity.profile.inject_include_usage
 
     # -- admission -------------------------------------------------------------------------
 

@@ -21,6 +21,22 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def llama_cpp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """llama.cpp's own llama-server on the same tiny model: the second real engine."""
+    from devtools.engine import LlamaCppServer
+
+    with LlamaCppServer(tmp_path_factory.mktemp("llama-cpp")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session", params=["llama-cpp-python", "llama-server"])
+def any_engine(request: pytest.FixtureRequest) -> Any:
+    """Each real engine in turn (the tests that take it run against both)."""
+    name = "llama_server" if request.param == "llama-cpp-python" else "llama_cpp_server"
+    return request.getfixturevalue(name)
+
+
 @pytest.fixture
 async def faulty_upstream() -> AsyncIterator[FaultyUpstream]:
     upstream = FaultyUpstream()

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar import __version__
 from sidecar.engine import EngineClient
+from sidecar.engine_detect import EngineIdentity
 from sidecar.errors import JobRefused, error_response, to_response
 from sidecar.ledger import Ledger, claim_totals
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
@@ -34,7 +35,9 @@ class Admin:
         engine: EngineClient,
         admin_token: str | None,
         chain: ChainService | None = None,
+        identity: EngineIdentity | None = None,
     ) -> None:
+        self.identity = identity
         self.chain = chain
         self.ledger = ledger
         self.metrics = metrics
@@ -83,6 +86,8 @@ class Admin:
             upstream["error"] = engine.error
         upstream["models"] = list(engine.models)
         upstream["latency_ms"] = engine.latency_ms
+        if self.identity is not None:
+            upstream["engine"] = self.identity.as_json()  # the dialect in force, and why
         body: dict[str, object] = {"version": __version__, "upstream": upstream}
         healthy = engine.healthy
         if self.chain is not None:

@@ -72,7 +72,9 @@ class FaultyUpstream:
         if self.models_status != 200:
             error = {"error": {"message": "no model list here"}}
             return web.json_response(error, status=self.models_status)
-        return web.json_response({"object": "list", "data": [{"id": "fake"}]})
+        # llama-cpp-python's list, as its server writes it (so --engine auto takes it for one).
+        model = {"id": "fake", "object": "model", "owned_by": "me", "permissions": []}
+        return web.json_response({"object": "list", "data": [model]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
