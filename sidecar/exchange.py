@@ -42,7 +42,7 @@ from sidecar.engine_detect import EngineIdentity
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
 from sidecar.ledger import Ledger, RecordState, UsageRecord
 from sidecar.metering import DONE, Endpoint, Source, SSEDecoder, StreamMeter, Usage, estimate
-from sidecar.metering.requests import cap_max_tokens
+from sidecar.metering.requests import LIMIT_FIELDS, RESPONSES_LIMIT_FIELDS, cap_max_tokens
 from sidecar.metering.usage import usage_from_body
 from sidecar.metrics import Metrics
 from sidecar.reservations import NO_HOLD, Hold, Reservations
@@ -53,6 +53,7 @@ METERED_ROUTES: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint.CHAT,
     "/v1/completions": Endpoint.COMPLETIONS,
     "/v1/embeddings": Endpoint.EMBEDDINGS,
+    "/v1/responses": Endpoint.RESPONSES,
 }
 ENDPOINT_PATHS: dict[Endpoint, str] = {endpoint: path for path, endpoint in METERED_ROUTES.items()}
 
@@ -254,7 +255,10 @@ class Exchange:
                     code="budget_spent",
                 )
             )
-        body, limit, lowered = cap_max_tokens(body, available, default=self.default_max_tokens)
+        fields = RESPONSES_LIMIT_FIELDS if endpoint is Endpoint.RESPONSES else LIMIT_FIELDS
+        body, limit, lowered = cap_max_tokens(
+            body, available, default=self.default_max_tokens, fields=fields
+        )
         hold = self.reservations.grant(job_id, left, limit)
         # The deposit covers fewer tokens than asked: the shell says so rather than work for free.
         return Admission(body, limit if lowered else None, hold)
@@ -451,7 +455,11 @@ class Exchange:
         stream: bool,
     ) -> tuple[Call, EngineReply]:
         payload = dict(body, stream=stream)
-        if stream and self.inject_include_usage and endpoint is not Endpoint.EMBEDDINGS:
+        if (
+            stream
+            and self.inject_include_usage
+            and endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)
+        ):
             payload["stream_options"] = {"include_usage": True}
         admission = await self.admit(endpoint, job_id, json.dumps(payload).encode(), requester)
         model = body.get("model")

@@ -78,7 +78,8 @@ def prepare_request(
     options = body.get("stream_options")
     wants_usage = type(options) is dict and options.get("include_usage") is True
     strip = False
-    if inject_include_usage and stream and not wants_usage and endpoint is not Endpoint.EMBEDDINGS:
+    chat_like = endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)  # stream_options exists there
+    if inject_include_usage and stream and not wants_usage and chat_like:
         merged = dict(options) if type(options) is dict else {}
         merged["include_usage"] = True
         body["stream_options"] = merged
@@ -95,7 +96,13 @@ def prepare_request(
     )
 
 
-def cap_max_tokens(body: bytes, cap: int, *, default: int | None = None) -> tuple[bytes, int, bool]:
+LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
+RESPONSES_LIMIT_FIELDS = ("max_output_tokens",)  # the Responses API's name for the limit
+
+
+def cap_max_tokens(
+    body: bytes, cap: int, *, default: int | None = None, fields: tuple[str, ...] = LIMIT_FIELDS
+) -> tuple[bytes, int, bool]:
     """Bound the request's ``max_tokens`` (and ``max_completion_tokens``) by ``cap``.
 
     A limit above ``cap`` (or not a positive integer) becomes ``cap``; a request that names no
@@ -107,11 +114,11 @@ def cap_max_tokens(body: bytes, cap: int, *, default: int | None = None) -> tupl
     obj = _parse_object(body)
     changed = False
     limits = []
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in fields:
         value = obj.get(key)
         if type(value) is int and 0 < value <= cap:
             limits.append(value)
-        elif value is not None or key == "max_tokens":
+        elif value is not None or key == fields[0]:
             obj[key] = cap if value is not None or default is None else min(default, cap)
             limits.append(obj[key])
             changed = True

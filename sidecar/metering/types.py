@@ -23,6 +23,7 @@ class Endpoint(StrEnum):
     CHAT = "chat"  # /v1/chat/completions
     COMPLETIONS = "completions"  # /v1/completions
     EMBEDDINGS = "embeddings"  # /v1/embeddings
+    RESPONSES = "responses"  # /v1/responses (usage: input_tokens, output_tokens)
 
 
 @dataclass(frozen=True, slots=True)

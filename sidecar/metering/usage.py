@@ -50,7 +50,23 @@ _TEXT_NEEDLES = {
     Endpoint.CHAT: ('"content": "', '"content":"'),
     Endpoint.COMPLETIONS: ('"text": "', '"text":"'),
     Endpoint.EMBEDDINGS: (),
+    Endpoint.RESPONSES: ('"delta": "', '"delta":"'),
 }
+# A Responses API stream has no [DONE]: it ends with one of these events, which carry the
+# final ``response`` (and its ``usage``).
+RESPONSE_TERMINAL_EVENTS = frozenset(
+    {"response.completed", "response.failed", "response.incomplete"}
+)
+# Its generated-text deltas: one per token on the engines that stream it (the chunk count).
+_RESPONSE_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+    }
+)
 _MAX_TEMPLATE_MISSES = 16  # a stream whose chunks never repeat a shape stops trying
 
 
@@ -80,8 +96,14 @@ def read_usage(endpoint: Endpoint, value: object) -> UsageFields | None:
     """
     if type(value) is not dict:
         return None
-    prompt, problem = _count(value, "prompt_tokens")
-    completion, problem2 = _count(value, "completion_tokens")
+    # The Responses API names them input and output tokens.
+    prompt_key, completion_key = (
+        ("input_tokens", "output_tokens")
+        if endpoint is Endpoint.RESPONSES
+        else ("prompt_tokens", "completion_tokens")
+    )
+    prompt, problem = _count(value, prompt_key)
+    completion, problem2 = _count(value, completion_key)
     problem = problem or problem2
     total, problem3 = _count(value, "total_tokens")
     if endpoint is Endpoint.EMBEDDINGS:
@@ -95,7 +117,7 @@ def read_usage(endpoint: Endpoint, value: object) -> UsageFields | None:
         if total is not None and prompt is not None and total >= prompt:
             completion = total - prompt
         else:
-            problem = "usage has no completion_tokens"
+            problem = f"usage has no {completion_key}"
     return UsageFields(prompt, completion, problem)
 
 
@@ -138,7 +160,10 @@ def usage_from_body(
 
 
 def response_text_tokens(endpoint: Endpoint, response: dict[str, Any]) -> int:
-    """Estimated completion tokens of a whole response, from the text of its choices."""
+    """Estimated completion tokens of a whole response, from the text of its choices (or, for
+    the Responses API, of its ``output`` items)."""
+    if endpoint is Endpoint.RESPONSES:
+        return _output_tokens(response.get("output"))
     choices = response.get("choices")
     if endpoint is Endpoint.EMBEDDINGS or type(choices) is not list:
         return 0
@@ -160,6 +185,20 @@ def response_text_tokens(endpoint: Endpoint, response: dict[str, Any]) -> int:
                 if type(call) is dict:
                     total += _function_tokens(call.get("function"))
         total += _function_tokens(message.get("function_call"))
+    return total
+
+
+def _output_tokens(output: object) -> int:
+    """A Responses API ``output``: message items' ``content`` parts, reasoning summaries,
+    function calls' arguments."""
+    if type(output) is not list:
+        return 0
+    total = 0
+    for item in output:
+        if type(item) is not dict:
+            continue
+        total += _tokens(item.get("content")) + _tokens(item.get("summary"))
+        total += _tokens(item.get("arguments"))
     return total
 
 
@@ -236,6 +275,7 @@ class StreamMeter:
         "_fwd",
         "_held",
         "_needles",
+        "_responses",
         "_suppressed",
         "_template",
         "_template_misses",
@@ -268,6 +308,7 @@ class StreamMeter:
             if endpoint is Endpoint.COMPLETIONS
             else _count_nothing
         )
+        self._responses = endpoint is Endpoint.RESPONSES
         self._after_done = False
         self._suppressed = 0
         # The last content chunk, cut around its text: (before, after, its count).
@@ -335,7 +376,8 @@ class StreamMeter:
         self.events += 1
         text = event.data
         if self._after_done:
-            self._note(f"event after [DONE] (ignored): {_show(text)}")
+            if not (self._responses and text == DONE):  # some engines add one after the end
+                self._note(f"event after [DONE] (ignored): {_show(text)}")
             return
         if text == DONE:
             self._after_done = True
@@ -361,6 +403,9 @@ class StreamMeter:
         if type(obj) is not dict:
             self._note(f"event data is a JSON {_json_type(obj)}, not an object (skipped)")
             return
+        if self._responses:
+            self._on_response_event(obj, text)
+            return
         n = 0
         choices = obj.get("choices")
         if type(choices) is list:
@@ -381,6 +426,28 @@ class StreamMeter:
         elif n and usage is None and self._template_misses < _MAX_TEMPLATE_MISSES:
             self._template_misses += 1
             self._template = self._make_template(text, n)
+
+    def _on_response_event(self, obj: dict[str, Any], text: str) -> None:
+        """One event of a Responses API stream: a text delta counts, a terminal event carries
+        the usage and ends the stream (what ``[DONE]`` is for the other routes)."""
+        kind = obj.get("type")
+        if kind in _RESPONSE_DELTAS:
+            if obj.get("delta"):
+                self._add(1)
+                if self._template_misses < _MAX_TEMPLATE_MISSES:
+                    self._template_misses += 1
+                    self._template = self._make_template(text, 1)
+            return
+        if kind in RESPONSE_TERMINAL_EVENTS:
+            response = obj.get("response")
+            usage = response.get("usage") if type(response) is dict else None
+            if usage is not None:
+                self._on_usage(usage)
+            if kind != "response.completed":
+                self._note(f"the response ended as {kind}")
+            self._after_done = True
+        elif kind == "error":
+            self._note(f"error event in stream: {_show(obj.get('message') or obj)}")
 
     def _add(self, n: int) -> None:
         self.counted_tokens += n

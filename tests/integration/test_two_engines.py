@@ -94,3 +94,36 @@ async def test_node_api_on_each_engine(any_engine, sidecar_factory) -> None:
     assert message["usage"]["prompt_tokens"] > 0  # the engine's tokenizer, or its own usage
     totals = await sidecar.ledger.job(job)
     assert totals is not None and totals.billable_tokens == 14
+
+
+async def test_responses_api_is_metered_on_llama_server(llama_cpp_server, sidecar_factory) -> None:
+    """/v1/responses, JSON and streamed (the usage in response.completed, no [DONE]): the
+    ledger's counts equal the engine's own input/output tokens, committed before the end."""
+    sidecar = await sidecar_factory(llama_cpp_server.base_url)
+    job = 303
+    body = {"model": llama_cpp_server.model_id, "input": "Tell me a story.", "temperature": 0}
+    client = AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="none", max_retries=0)
+    answer = await client.responses.create(**body, max_output_tokens=7, extra_body={"job_id": job})
+    assert answer.usage is not None and answer.usage.output_tokens == 7
+    direct = await engine_usage(llama_cpp_server, "/v1/responses", {**body, "max_output_tokens": 7})
+    assert direct["output_tokens"] == 7 and direct["input_tokens"] == answer.usage.input_tokens
+
+    events = []
+    stream = await client.responses.create(
+        **body, max_output_tokens=11, stream=True, extra_body={"job_id": job}
+    )
+    async for item in stream:
+        events.append(item.type)
+        if item.type == "response.completed":
+            # The record is committed before the event that ends the stream is relayed.
+            records = await sidecar.ledger.records(job)
+            assert [r.state for r in records] == [RecordState.FINAL, RecordState.FINAL]
+    assert events[-1] == "response.completed" and events.count("response.output_text.delta") == 11
+    records = await sidecar.ledger.records(job)
+    assert [(r.endpoint, r.completion_tokens, r.source.value) for r in records] == [
+        ("responses", 7, "reported"),
+        ("responses", 11, "reported"),
+    ]
+    assert records[0].prompt_tokens == answer.usage.input_tokens
+    totals = await sidecar.ledger.job(job)
+    assert totals is not None and totals.billable_tokens == 18

@@ -736,3 +736,47 @@ def test_fallback_when_the_tokenizer_cannot_be_built(monkeypatch: pytest.MonkeyP
     assert info.problem is not None and "cl100k_base.tiktoken.gz" in info.problem
     response = {"choices": [{"message": {"content": "abcdefgh"}}]}
     assert usage_from_body(Endpoint.CHAT, body(response)) == Usage(None, 2, Source.ESTIMATED)
+
+
+# -- the Responses API -----------------------------------------------------------------------
+
+
+def response_event(kind: str, **fields: Any) -> bytes:
+    return f"event: {kind}\n".encode() + event({"type": kind, **fields})
+
+
+def test_responses_stream_ends_with_its_terminal_event_and_its_usage() -> None:
+    deltas = [response_event("response.output_text.delta", item_id="m", delta=t) for t in "abc"]
+    usage = {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}
+    completed = response_event(
+        "response.completed", response={"status": "completed", "usage": usage}
+    )
+    meter, _ = run(
+        Endpoint.RESPONSES,
+        response_event("response.created", response={}),
+        *deltas,
+        completed,
+        DONE,
+    )
+    assert meter.done and meter.anomalies == []  # a [DONE] after the end is not an anomaly
+    assert meter.usage() == Usage(7, 3, Source.REPORTED)
+
+
+@pytest.mark.parametrize("kind", ["response.incomplete", "response.failed"])
+def test_responses_stream_cut_short_counts_its_deltas(kind: str) -> None:
+    deltas = [response_event("response.output_text.delta", item_id="m", delta="x")] * 4
+    ended = response_event(kind, response={"status": kind.split(".")[1], "usage": None})
+    meter, _ = run(Endpoint.RESPONSES, *deltas, ended)
+    assert meter.done and meter.usage() == Usage(None, 4, Source.COUNTED)
+    assert meter.anomalies == [f"the response ended as {kind}"]
+
+
+def test_responses_body_without_usage_is_estimated_from_its_output() -> None:
+    body = {
+        "object": "response",
+        "output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "hello there"}]}
+        ],
+    }
+    usage = usage_from_body(Endpoint.RESPONSES, json.dumps(body).encode())
+    assert usage is not None and usage.source is Source.ESTIMATED and usage.completion_tokens > 0
