@@ -292,6 +292,8 @@ class Exchange:
             status=status,
             started_ms=call.started_ms,
             updated_ms=now_ms(),
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
         )
 
     async def commit(self, record: UsageRecord) -> None:
@@ -330,6 +332,8 @@ class Exchange:
             record.prompt_tokens,
             record.completion_tokens,
             record.billable_tokens,
+            record.cached_tokens,
+            record.reasoning_tokens,
         )
         if self.chain is not None and record.job_id is not None:
             self.chain.note_usage(record.job_id)

@@ -44,8 +44,8 @@ class Metrics:
         )
         self.tokens = Counter(
             "sidecar_tokens",
-            "Tokens metered, by job, kind (prompt, completion, billable) and "
-            "source (reported, counted, estimated).",
+            "Tokens metered, by job, kind (prompt, completion, billable; cached and reasoning "
+            "where the engine reports them) and source (reported, counted, estimated).",
             ("job", "kind", "source"),
             registry=r,
         )
@@ -120,6 +120,8 @@ class Metrics:
         prompt_tokens: int | None,
         completion_tokens: int,
         billable_tokens: int,
+        cached_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
     ) -> None:
         """One relayed response's request and token counters."""
         self._child(self.requests, endpoint, str(status)).inc()
@@ -130,6 +132,10 @@ class Metrics:
             self._child(self.tokens, label, "completion", source).inc(completion_tokens)
         if billable_tokens:
             self._child(self.tokens, label, "billable", source).inc(billable_tokens)
+        if cached_tokens:
+            self._child(self.tokens, label, "cached", source).inc(cached_tokens)
+        if reasoning_tokens:
+            self._child(self.tokens, label, "reasoning", source).inc(reasoning_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -43,6 +43,8 @@ class UsageRecord:
     status: int  # the HTTP status relayed to the client
     started_ms: int  # unix time in milliseconds
     updated_ms: int
+    cached_tokens: int | None = None  # of the prompt, served from the engine's cache
+    reasoning_tokens: int | None = None  # of the completion, spent reasoning
 
     @property
     def total_tokens(self) -> int:
@@ -139,6 +141,8 @@ class JobTotals:
     open_requests: int = 0
     first_ms: int | None = None
     last_ms: int | None = None
+    cached_tokens: int = 0  # summed where the engine reported them
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -154,6 +158,8 @@ class JobTotals:
             "total_tokens": self.total_tokens,
             "billable_tokens": self.billable_tokens,
             "billable_tokens_by_source": dict(self.billable_by_source),
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
             "first_ms": self.first_ms,
             "last_ms": self.last_ms,
         }

@@ -125,6 +125,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         WHERE job_id IS NOT NULL GROUP BY job_id
         """,
     ),
+    # 5: usage detail where the engine reports it (NULL: not reported).
+    (
+        "ALTER TABLE usage_records ADD COLUMN cached_tokens INTEGER"
+        " CHECK (cached_tokens IS NULL OR cached_tokens >= 0)",
+        "ALTER TABLE usage_records ADD COLUMN reasoning_tokens INTEGER"
+        " CHECK (reasoning_tokens IS NULL OR reasoning_tokens >= 0)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -53,18 +53,33 @@ DEFAULT_BUSY_TIMEOUT_MS: Final = 5_000
 
 _T = TypeVar("_T")
 # The parameters of one upsert, in the column order of _UPSERT.
-_Row = tuple[str, str | None, str, str | None, int | None, int, int, str, str, int, int, int]
+_Row = tuple[
+    str,
+    str | None,
+    str,
+    str | None,
+    int | None,
+    int,
+    int,
+    str,
+    str,
+    int,
+    int,
+    int,
+    int | None,
+    int | None,
+]
 
 _COLUMNS: Final = (
     "key, job_id, endpoint, model, prompt_tokens, completion_tokens, billable_tokens,"
-    " source, state, status, started_ms, updated_ms"
+    " source, state, status, started_ms, updated_ms, cached_tokens, reasoning_tokens"
 )
 
 # Only an open row may change: a final or aborted row is what the client was served, and a
 # replayed final record (a retry after an unknown outcome) must be a no-op. started_ms keeps the
 # first value seen: the response began when its first record was written.
 _UPSERT: Final = f"""
-INSERT INTO usage_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO usage_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET
     job_id = excluded.job_id,
     endpoint = excluded.endpoint,
@@ -75,7 +90,9 @@ ON CONFLICT (key) DO UPDATE SET
     source = excluded.source,
     state = excluded.state,
     status = excluded.status,
-    updated_ms = excluded.updated_ms
+    updated_ms = excluded.updated_ms,
+    cached_tokens = excluded.cached_tokens,
+    reasoning_tokens = excluded.reasoning_tokens
 WHERE usage_records.state = 'open'
 """
 
@@ -83,7 +100,8 @@ WHERE usage_records.state = 'open'
 # the by-source breakdown comes out as a JSON object next to the sums.
 _TOTALS: Final = """
 SELECT job_id, SUM(n), SUM(open_n), SUM(prompt), SUM(completion), SUM(billable),
-       json_group_object(source, billable), MIN(first_ms), MAX(last_ms)
+       json_group_object(source, billable), MIN(first_ms), MAX(last_ms), SUM(cached),
+       SUM(reasoning)
 FROM (
     SELECT job_id, source,
            COUNT(*) AS n,
@@ -92,7 +110,9 @@ FROM (
            SUM(completion_tokens) AS completion,
            SUM(billable_tokens) AS billable,
            MIN(started_ms) AS first_ms,
-           MAX(updated_ms) AS last_ms
+           MAX(updated_ms) AS last_ms,
+           COALESCE(SUM(cached_tokens), 0) AS cached,
+           COALESCE(SUM(reasoning_tokens), 0) AS reasoning
     FROM usage_records
     {where}
     GROUP BY job_id, source
@@ -168,11 +188,14 @@ def _to_row(record: UsageRecord) -> _Row:
         operator.index(record.status),
         operator.index(record.started_ms),
         operator.index(record.updated_ms),
+        _optional_int(record.cached_tokens),
+        _optional_int(record.reasoning_tokens),
     )
 
 
 def _from_row(row: Sequence[Any]) -> UsageRecord:
-    key, job_id, endpoint, model, prompt, completion, billable, source, state, status, t0, t1 = row
+    key, job_id, endpoint, model, prompt, completion, billable, source, state, status = row[:10]
+    t0, t1, cached, reasoning = row[10:]
     return UsageRecord(
         key=key,
         job_id=None if job_id is None else int(job_id),
@@ -186,6 +209,8 @@ def _from_row(row: Sequence[Any]) -> UsageRecord:
         status=status,
         started_ms=t0,
         updated_ms=t1,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
     )
 
 
@@ -227,7 +252,8 @@ def _claim_row(claim: Claim) -> tuple[Any, ...]:
 
 
 def _totals_from_row(row: Sequence[Any]) -> JobTotals:
-    job_id, requests, open_n, prompt, completion, billable, by_source, first, last = row
+    job_id, requests, open_n, prompt, completion, billable, by_source, first, last = row[:9]
+    cached, reasoning = row[9:]
     sources: dict[str, int] = json.loads(by_source)
     return JobTotals(
         job_id=None if job_id is None else int(job_id),
@@ -239,6 +265,8 @@ def _totals_from_row(row: Sequence[Any]) -> JobTotals:
         billable_by_source={name: sources[name] for name in sorted(sources)},
         first_ms=first,
         last_ms=last,
+        cached_tokens=cached or 0,
+        reasoning_tokens=reasoning or 0,
     )
 
 

@@ -36,6 +36,10 @@ class Usage:
     prompt_tokens: int | None
     completion_tokens: int
     source: Source
+    # Detail where the engine reports it (None: not reported): prompt tokens served from the
+    # engine's cache, and generated tokens spent reasoning. Never billed differently here.
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:

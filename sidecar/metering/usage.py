@@ -76,6 +76,8 @@ class UsageFields(NamedTuple):
     prompt_tokens: int | None
     completion_tokens: int | None
     problem: str | None  # why a field could not be used, for the anomaly log
+    cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens
+    reasoning_tokens: int | None = None  # completion_tokens_details.reasoning_tokens
 
 
 def _count(usage: dict[str, Any], key: str) -> tuple[int | None, str | None]:
@@ -104,6 +106,10 @@ def read_usage(endpoint: Endpoint, value: object) -> UsageFields | None:
     )
     prompt, problem = _count(value, prompt_key)
     completion, problem2 = _count(value, completion_key)
+    detail = "input" if endpoint is Endpoint.RESPONSES else "prompt"
+    cached = _detail(value, f"{detail}_tokens_details", "cached_tokens")
+    detail = "output" if endpoint is Endpoint.RESPONSES else "completion"
+    reasoning = _detail(value, f"{detail}_tokens_details", "reasoning_tokens")
     problem = problem or problem2
     total, problem3 = _count(value, "total_tokens")
     if endpoint is Endpoint.EMBEDDINGS:
@@ -112,13 +118,20 @@ def read_usage(endpoint: Endpoint, value: object) -> UsageFields | None:
             prompt = total
         if prompt is None:
             return UsageFields(None, None, problem or problem3 or "usage has no prompt_tokens")
-        return UsageFields(prompt, 0, problem or problem3)
+        return UsageFields(prompt, 0, problem or problem3, cached)
     if completion is None and problem is None:
         if total is not None and prompt is not None and total >= prompt:
             completion = total - prompt
         else:
             problem = f"usage has no {completion_key}"
-    return UsageFields(prompt, completion, problem)
+    return UsageFields(prompt, completion, problem, cached, reasoning)
+
+
+def _detail(usage: dict[str, Any], group: str, key: str) -> int | None:
+    """A count inside a ``*_tokens_details`` object; None unless a non-negative int."""
+    details = usage.get(group)
+    value = details.get(key) if type(details) is dict else None
+    return value if type(value) is int and value >= 0 else None
 
 
 def usage_from_body(
@@ -154,7 +167,13 @@ def usage_from_body(
         elif fields is None and usage is not None:
             anomalies.append(f"usage is {_show(usage)}, not an object")
     if fields is not None and fields.completion_tokens is not None:
-        return Usage(fields.prompt_tokens, fields.completion_tokens, Source.REPORTED)
+        return Usage(
+            fields.prompt_tokens,
+            fields.completion_tokens,
+            Source.REPORTED,
+            fields.cached_tokens,
+            fields.reasoning_tokens,
+        )
     prompt = fields.prompt_tokens if fields is not None else None
     return Usage(prompt, response_text_tokens(endpoint, obj), Source.ESTIMATED)
 
@@ -481,7 +500,13 @@ class StreamMeter:
         if fields.prompt_tokens is not None:
             self.prompt_tokens = fields.prompt_tokens
         if fields.completion_tokens is not None:
-            self.reported = Usage(fields.prompt_tokens, fields.completion_tokens, Source.REPORTED)
+            self.reported = Usage(
+                fields.prompt_tokens,
+                fields.completion_tokens,
+                Source.REPORTED,
+                fields.cached_tokens,
+                fields.reasoning_tokens,
+            )
             self.completion_tokens = fields.completion_tokens
 
     def _release(self, data: bytes, end: int) -> bytes:

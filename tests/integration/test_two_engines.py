@@ -125,5 +125,17 @@ async def test_responses_api_is_metered_on_llama_server(llama_cpp_server, sideca
         ("responses", 11, "reported"),
     ]
     assert records[0].prompt_tokens == answer.usage.input_tokens
+    # llama-server reports input_tokens_details.cached_tokens: kept per record, summed per job.
+    cached = answer.usage.input_tokens_details.cached_tokens
+    assert records[0].cached_tokens == cached and records[1].cached_tokens is not None
     totals = await sidecar.ledger.job(job)
     assert totals is not None and totals.billable_tokens == 18
+    assert totals.cached_tokens == cached + records[1].cached_tokens
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{sidecar.url}/sidecar/jobs/{job}") as resp:
+            view = await resp.json()
+        async with http.get(f"{sidecar.url}/metrics") as resp:
+            metrics = await resp.text()
+    assert view["cached_tokens"] == totals.cached_tokens and view["reasoning_tokens"] == 0
+    if totals.cached_tokens:
+        assert f'sidecar_tokens_total{{job="{job}",kind="cached",source="reported"}}' in metrics

@@ -669,7 +669,46 @@ def test_read_usage() -> None:
     fields = read_usage(Endpoint.EMBEDDINGS, {"total_tokens": 6})
     assert fields is not None and fields[:2] == (6, 0)
     fields = read_usage(Endpoint.EMBEDDINGS, {})
-    assert fields == (None, None, "usage has no prompt_tokens")
+    assert fields is not None and fields[:3] == (None, None, "usage has no prompt_tokens")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "usage"),
+    [
+        (
+            Endpoint.CHAT,
+            {
+                "prompt_tokens": 30,
+                "completion_tokens": 12,
+                "prompt_tokens_details": {"cached_tokens": 24},
+                "completion_tokens_details": {"reasoning_tokens": 5},
+            },
+        ),
+        (
+            Endpoint.RESPONSES,
+            {
+                "input_tokens": 30,
+                "output_tokens": 12,
+                "input_tokens_details": {"cached_tokens": 24},
+                "output_tokens_details": {"reasoning_tokens": 5},
+            },
+        ),
+    ],
+)
+def test_cached_and_reasoning_tokens_are_kept(endpoint: Endpoint, usage: dict) -> None:
+    got = usage_from_body(endpoint, json.dumps({"usage": usage}).encode())
+    assert got == Usage(30, 12, Source.REPORTED, cached_tokens=24, reasoning_tokens=5)
+    last = (
+        event({"type": "response.completed", "response": {"usage": usage}})
+        if endpoint is Endpoint.RESPONSES
+        else event({"choices": [], "usage": usage}) + DONE
+    )
+    meter, _ = run(endpoint, last)
+    assert meter.usage() == got
+    # Absent or not a count: not reported (None), never a zero made up.
+    odd = {**usage, "prompt_tokens_details": {"cached_tokens": -1}, "input_tokens_details": None}
+    got = usage_from_body(endpoint, json.dumps({"usage": odd}).encode())
+    assert got is not None and got.cached_tokens is None and got.reasoning_tokens == 5
 
 
 # -- the estimate ----------------------------------------------------------------------------
