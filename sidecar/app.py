@@ -72,7 +72,10 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     auth = session_auth(settings, ledger, chain, host_key)
     model_names = ModelNames(settings.model_names)
     identity = EngineIdentity(settings.engine)
-    exchange = Exchange(settings, ledger, metrics, engine, chain, auth, identity)
+    facts = EngineFacts(engine, identity, settings.context_window)
+    exchange = Exchange(
+        settings, ledger, metrics, engine, chain, auth, identity, count_text=facts.count_tokens
+    )
     node_http = NodeHttp(
         exchange,
         engine,
@@ -80,7 +83,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         chain_id=settings.chain_id,
         max_body_bytes=settings.max_body_bytes,
         model_names=model_names,
-        facts=EngineFacts(engine, identity, settings.context_window),
+        facts=facts,
         host_key=host_key,
     )
     node_ws = NodeWebSocket(

@@ -58,7 +58,7 @@ class EngineFacts:
         self._configured_window = context_window or None
         self._window: tuple[float, str, int | None] | None = None
 
-    async def prompt_tokens(self, text: str, model: str | None) -> int | None:
+    async def count_tokens(self, text: str, model: str | None) -> int | None:
         """The engine's count of ``text``'s tokens, or None when it cannot give one."""
         tokenizer = self._identity.profile.tokenize
         if tokenizer is None:

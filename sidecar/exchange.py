@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,9 +41,18 @@ from sidecar.config import Settings
 from sidecar.engine_detect import EngineIdentity
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
 from sidecar.ledger import Ledger, RecordState, UsageRecord
-from sidecar.metering import DONE, Endpoint, Source, SSEDecoder, StreamMeter, Usage, estimate
+from sidecar.metering import (
+    DONE,
+    Endpoint,
+    Source,
+    SSEDecoder,
+    StreamMeter,
+    Usage,
+    estimate,
+    safejson,
+)
 from sidecar.metering.requests import LIMIT_FIELDS, RESPONSES_LIMIT_FIELDS, cap_max_tokens
-from sidecar.metering.usage import usage_from_body
+from sidecar.metering.usage import response_text, usage_from_body
 from sidecar.metrics import Metrics
 from sidecar.reservations import NO_HOLD, Hold, Reservations
 
@@ -91,6 +100,9 @@ class Engine(Protocol):
     """What the core needs of the engine client, for calls it makes itself."""
 
     async def post_json(self, path: str, body: bytes) -> EngineReply: ...
+
+
+TextCounter = Callable[[str, str | None], Awaitable[int | None]]
 
 
 class JobGate(Protocol):
@@ -178,7 +190,11 @@ class Exchange:
         chain: JobGate | None = None,
         auth: SessionAuth | None = None,
         identity: EngineIdentity | None = None,
+        count_text: TextCounter | None = None,
     ) -> None:
+        # The engine's own tokenizer (sidecar.engine_facts), for answers without usage where
+        # chunks are not tokens; None: tiktoken's estimate is the fallback.
+        self.count_text = count_text
         self.ledger = ledger
         self.auth = auth  # who may use a job (--session-auth); None: whoever names it
         self.metrics = metrics
@@ -356,6 +372,18 @@ class Exchange:
             out[RECEIPT_DEPOSIT_LEFT] = str(left)
         return out
 
+    async def recount(self, call: Call, usage: Usage, text: str) -> Usage:
+        """The generated ``text`` counted by the engine's tokenizer (TOKENIZED: exact for the
+        model it runs), else by tiktoken (ESTIMATED): an answer that reported no usage, from
+        an engine whose chunks are not tokens."""
+        if self.count_text is not None:
+            counted = await self.count_text(text, call.model)
+            if counted is not None:
+                return Usage(usage.prompt_tokens, counted, Source.TOKENIZED)
+        if not estimate.loaded():
+            await asyncio.to_thread(estimate.load)  # off the loop: a fraction of a second once
+        return Usage(usage.prompt_tokens, estimate.count_tokens(text), Source.ESTIMATED)
+
     # -- answers and streams ---------------------------------------------------------------
 
     async def answer(self, call: Call, reply: EngineReply) -> MeteredAnswer:
@@ -397,6 +425,10 @@ class Exchange:
             # An error answer, or a body nothing can be read from: zero tokens, and never
             # marked as reported by the engine.
             usage = Usage(prompt_tokens=None, completion_tokens=0, source=Source.ESTIMATED)
+        elif usage.source is Source.ESTIMATED and self.count_text is not None:
+            # No usage in the answer: the engine's own tokenizer over its text comes first.
+            answer = safejson.loads(payload)
+            usage = await self.recount(call, usage, response_text(call.endpoint, answer))
         await self.commit(self.record(call, usage, RecordState.FINAL, reply.status))
         return MeteredAnswer(call, reply.status, payload, usage)
 
@@ -408,7 +440,12 @@ class Exchange:
         strip_usage_chunk: bool = False,
         with_receipt: bool = False,
     ) -> MeteredStream:
-        meter = StreamMeter(call.endpoint, strip_usage_chunk=strip_usage_chunk)
+        # Where a chunk is not a token, keep the text: without usage, the engine's tokenizer
+        # counts it at the end.
+        collect = not self.identity.profile.chunk_is_token
+        meter = StreamMeter(
+            call.endpoint, strip_usage_chunk=strip_usage_chunk, collect_text=collect
+        )
         return MeteredStream(self, call, reply, meter, with_receipt=with_receipt)
 
     # -- calls for shells that speak another API (the node's HTTP and WebSocket) -------------
@@ -493,7 +530,16 @@ class MeteredStream:
       request is closed and an ABORTED record written without waiting.
     """
 
-    __slots__ = ("_released", "call", "committed", "exchange", "meter", "reply", "with_receipt")
+    __slots__ = (
+        "_final_usage",
+        "_released",
+        "call",
+        "committed",
+        "exchange",
+        "meter",
+        "reply",
+        "with_receipt",
+    )
 
     def __init__(
         self,
@@ -511,6 +557,7 @@ class MeteredStream:
         self.committed = False
         self.with_receipt = with_receipt  # an SSE comment with the receipt before [DONE]
         self._released = False
+        self._final_usage: Usage | None = None  # recounted at the end (no usage, no token chunks)
 
     @property
     def key(self) -> str:
@@ -527,14 +574,21 @@ class MeteredStream:
     @property
     def usage(self) -> Usage:
         """The metered usage so far (final once the iteration ended)."""
-        return self.meter.usage()
+        return self._final_usage or self.meter.usage()
 
     @property
     def completion_tokens(self) -> int:
         return self.meter.completion_tokens
 
     def _record(self, state: RecordState) -> UsageRecord:
-        return self.exchange.record(self.call, self.meter.usage(), state, self.reply.status)
+        return self.exchange.record(self.call, self.usage, state, self.reply.status)
+
+    async def _finish_usage(self) -> None:
+        """At the end: a stream that reported no usage, whose chunks are not tokens, is
+        counted by the engine's tokenizer over its text (else estimated)."""
+        meter = self.meter
+        if meter.collect_text and meter.reported is None:
+            self._final_usage = await self.exchange.recount(self.call, meter.usage(), meter.text())
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Use as ``async with contextlib.aclosing(stream.chunks()) as chunks``."""
@@ -549,11 +603,12 @@ class MeteredStream:
                 if meter.done:
                     if not self.committed:
                         # [DONE] is in this chunk: the record goes first, then the bytes.
+                        await self._finish_usage()
                         await exchange.commit(self._record(RecordState.FINAL))
                         self.committed = True
                         self.call.hold.release()
                         if self.with_receipt and self.call.job_id is not None:
-                            receipt = await exchange.receipt(self.call, meter.usage())
+                            receipt = await exchange.receipt(self.call, self.usage)
                             out = with_comment_before_done(out, receipt_comment(receipt))
                 elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
                     loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
@@ -567,6 +622,7 @@ class MeteredStream:
             tail = meter.finish()
             self._log_anomalies()
             if not self.committed:
+                await self._finish_usage()
                 await exchange.commit(self._record(RecordState.FINAL))
                 self.committed = True
             if tail:

@@ -14,6 +14,7 @@ class Source(StrEnum):
 
     REPORTED = "reported"  # the engine's own ``usage`` object
     COUNTED = "counted"  # counted from the streamed chunks (one token per content chunk)
+    TOKENIZED = "tokenized"  # the engine's own tokenizer over the generated text (exact)
     ESTIMATED = "estimated"  # a tokenizer estimate over the text, the last resort
 
 

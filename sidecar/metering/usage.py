@@ -31,6 +31,7 @@ __all__ = [
     "StreamMeter",
     "UsageFields",
     "read_usage",
+    "response_text",
     "response_text_tokens",
     "usage_from_body",
 ]
@@ -207,6 +208,39 @@ def response_text_tokens(endpoint: Endpoint, response: dict[str, Any]) -> int:
     return total
 
 
+def response_text(endpoint: Endpoint, response: dict[str, Any]) -> str:
+    """The generated text of a whole response (what the engine's tokenizer counts when the
+    answer has no usage): choices' text and message fields, or a Responses ``output``."""
+    parts: list[str] = []
+    if endpoint is Endpoint.RESPONSES:
+        output = response.get("output")
+        for item in output if type(output) is list else ():
+            if type(item) is dict:
+                for key in ("content", "summary", "arguments"):
+                    parts.extend(_texts(item.get(key)))
+        return "".join(parts)
+    choices = response.get("choices")
+    for choice in choices if type(choices) is list else ():
+        if type(choice) is not dict:
+            continue
+        if endpoint is Endpoint.COMPLETIONS:
+            parts.extend(_texts(choice.get("text")))
+            continue
+        message = choice.get("message")
+        if type(message) is dict:
+            for key in _CHAT_CONTENT_KEYS:
+                parts.extend(_texts(message.get(key)))
+    return "".join(parts)
+
+
+def _texts(value: object) -> list[str]:
+    if type(value) is str:
+        return [value]
+    if type(value) is list:
+        return [p["text"] for p in value if type(p) is dict and type(p.get("text")) is str]
+    return []
+
+
 def _output_tokens(output: object) -> int:
     """A Responses API ``output``: message items' ``content`` parts, reasoning summaries,
     function calls' arguments."""
@@ -257,6 +291,20 @@ def _count_chat(choices: list[Any]) -> int:
     return n
 
 
+def _chunk_texts(choices: list[Any]) -> list[str]:
+    """The text a stream chunk adds: completions' ``text``, chat deltas' content fields."""
+    texts: list[str] = []
+    for choice in choices:
+        if type(choice) is not dict:
+            continue
+        if type(choice.get("text")) is str:
+            texts.append(choice["text"])
+        delta = choice.get("delta")
+        if type(delta) is dict:
+            texts.extend(v for k in _CHAT_CONTENT_KEYS if type(v := delta.get(k)) is str)
+    return texts
+
+
 def _count_completions(choices: list[Any]) -> int:
     n = 0
     for choice in choices:
@@ -298,7 +346,9 @@ class StreamMeter:
         "_suppressed",
         "_template",
         "_template_misses",
+        "_texts",
         "anomalies",
+        "collect_text",
         "completion_tokens",
         "counted_tokens",
         "endpoint",
@@ -309,9 +359,15 @@ class StreamMeter:
         "stripped",
     )
 
-    def __init__(self, endpoint: Endpoint, *, strip_usage_chunk: bool = False) -> None:
+    def __init__(
+        self, endpoint: Endpoint, *, strip_usage_chunk: bool = False, collect_text: bool = False
+    ) -> None:
         self.endpoint = endpoint
         self.strip_usage_chunk = strip_usage_chunk
+        # Keep the generated text (for the engine's tokenizer, where a chunk is not a token and
+        # the engine may report no usage); the fast path, which never reads the text, is off.
+        self.collect_text = collect_text
+        self._texts: list[str] = []
         self.completion_tokens = 0
         self.counted_tokens = 0  # content-bearing choices seen
         self.prompt_tokens: int | None = None  # from the last usage object that had it
@@ -401,7 +457,7 @@ class StreamMeter:
         if text == DONE:
             self._after_done = True
             return
-        template = self._template
+        template = None if self.collect_text else self._template
         if template is not None:
             # A chunk that differs from an already parsed one only in the text string
             # parses to the same structure with another string: same count, no usage, no
@@ -432,6 +488,8 @@ class StreamMeter:
                 n = self._count(choices)
                 if n:
                     self._add(n)
+                    if self.collect_text:
+                        self._texts.extend(_chunk_texts(choices))
         elif choices is not None:
             self._note(f"event choices is {_show(choices)}, not a list (skipped)")
         usage = obj.get("usage")
@@ -451,7 +509,10 @@ class StreamMeter:
         the usage and ends the stream (what ``[DONE]`` is for the other routes)."""
         kind = obj.get("type")
         if kind in _RESPONSE_DELTAS:
-            if obj.get("delta"):
+            delta = obj.get("delta")
+            if delta:
+                if self.collect_text and type(delta) is str:
+                    self._texts.append(delta)
                 self._add(1)
                 if self._template_misses < _MAX_TEMPLATE_MISSES:
                     self._template_misses += 1
@@ -467,6 +528,10 @@ class StreamMeter:
             self._after_done = True
         elif kind == "error":
             self._note(f"error event in stream: {_show(obj.get('message') or obj)}")
+
+    def text(self) -> str:
+        """The generated text seen (with ``collect_text``; empty otherwise)."""
+        return "".join(self._texts)
 
     def _add(self, n: int) -> None:
         self.counted_tokens += n

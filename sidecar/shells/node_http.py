@@ -77,7 +77,7 @@ class NodeHttp:
         not fit, before anything is generated."""
         window = await self.facts.context_window()
         text = "\n".join([*(content for _, content in params.context), params.prompt])
-        prompt_tokens = await self.facts.prompt_tokens(text, params.model)
+        prompt_tokens = await self.facts.count_tokens(text, params.model)
         if window is not None and prompt_tokens is not None and prompt_tokens >= window:
             raise TokenLimitExceeded(prompt_tokens, window)
         return Measured(prompt_tokens, window)

@@ -122,6 +122,8 @@ async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
 def make_exchange(
     ledger: Ledger, engine: StubEngine, chain: StubChain | None = None, **settings: object
 ) -> Exchange:
+    # The stub speaks llama-cpp-python's formats (a chunk is a token, no usage in streams).
+    settings.setdefault("engine", "llama-cpp-python")
     return Exchange(Settings(**settings), ledger, Metrics(), engine, chain)  # type: ignore[arg-type]
 
 

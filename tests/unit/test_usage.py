@@ -22,7 +22,13 @@ from sidecar.metering.usage import (
 )
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-STREAMS = sorted([*FIXTURES.glob("streams/*.sse"), *FIXTURES.glob("recorded/*.sse")])
+STREAMS = sorted(
+    [
+        *FIXTURES.glob("streams/*.sse"),
+        *FIXTURES.glob("recorded/*.sse"),
+        *FIXTURES.glob("engines/*.sse"),
+    ]
+)
 BODIES = sorted([*FIXTURES.glob("streams/*.body"), *FIXTURES.glob("recorded/*.body")])
 # Recorded streams are up to ~100 kB: no per-example deadline, fewer examples per file.
 FIXTURE_RUNS = settings(deadline=None, max_examples=40)
