@@ -825,3 +825,36 @@ def test_responses_body_without_usage_is_estimated_from_its_output() -> None:
     }
     usage = usage_from_body(Endpoint.RESPONSES, json.dumps(body).encode())
     assert usage is not None and usage.source is Source.ESTIMATED and usage.completion_tokens > 0
+
+
+def test_tiktoken_works_with_the_network_unreachable(tmp_path: Path) -> None:
+    """A fresh process with no tiktoken cache and every connection refused still builds the
+    estimate: nothing is downloaded at run time."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import socket\n"
+        "def _refuse(*args, **kwargs):\n"
+        "    raise OSError('network unreachable (test)')\n"
+        "socket.socket.connect = _refuse\n"
+        "socket.create_connection = _refuse\n"
+    )
+    code = (
+        "from sidecar.metering import estimate\n"
+        "info = estimate.load()\n"
+        "assert info.tokenizer, info.problem\n"
+        "print(estimate.count_tokens('hello world'))\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[2]}",
+        "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"),
+        "HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2"
