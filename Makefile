@@ -8,6 +8,11 @@ MODEL := var/tiny.gguf
 # llama-cpp-python compiles llama.cpp from source: use both cores.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
+# mitmproxy's venv: its pins (cryptography < 44.1, h11) clash with the core's dev tools, so the
+# addon runs from a venv of its own, with the sidecar installed editable in it too.
+MITM_VENV := .venv-mitm
+MITM_STAMP := $(MITM_VENV)/.installed
+
 # The second real engine: llama.cpp's llama-server, built from the pinned llama-cpp-python sdist.
 LLAMA_SERVER := var/llama.cpp/build/bin/llama-server
 
@@ -15,7 +20,7 @@ DEVCHAIN := devchain
 DEVCHAIN_INSTALLED := $(DEVCHAIN)/node_modules/.package-lock.json
 DEVCHAIN_BUILT := $(DEVCHAIN)/build/.compiled
 
-.PHONY: demo test lint format bench clean install devchain
+.PHONY: demo test lint format bench clean install devchain mitm
 
 install: $(STAMP)
 
@@ -43,10 +48,17 @@ $(MODEL): $(STAMP) upstream/make_tiny_model.py
 demo: $(STAMP) $(MODEL) $(DEVCHAIN_BUILT)
 	$(BIN)/python -m devtools.demo --model $(MODEL)
 
+$(MITM_STAMP): pyproject.toml constraints-mitm.txt
+	$(PYTHON) -m venv $(MITM_VENV)
+	$(MITM_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints-mitm.txt -e '.[mitm]'
+	touch $(MITM_STAMP)
+
+mitm: $(MITM_STAMP)
+
 $(LLAMA_SERVER): $(STAMP)
 	$(BIN)/python upstream/build_llama_server.py var/llama.cpp
 
-test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER)
+test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP)
 	$(BIN)/python -m pytest
 
 # ruff, then the type checker over sidecar/ and devtools/ (settings: pyproject.toml [tool.mypy]).

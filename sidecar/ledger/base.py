@@ -199,6 +199,12 @@ class Ledger(ABC):
         await self.submit(record)
 
     @abstractmethod
+    def write_blocking(self, record: UsageRecord) -> None:
+        """Commit ``record`` durably before returning, from a synchronous caller (a shell whose
+        host calls it back synchronously: the mitmproxy addon's stream hook). Blocks the
+        calling thread for the commit, so it is for the final record of a stream only."""
+
+    @abstractmethod
     async def flush(self) -> None:
         """Return once every record submitted before this call is applied (committed or failed):
         a reader that must see them (the claim worker before settling) waits here first."""

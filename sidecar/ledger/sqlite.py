@@ -372,6 +372,8 @@ class SQLiteLedger(Ledger):
         self._claims_conn: sqlite3.Connection | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
+        self._blocking_lock = threading.Lock()
+        self._blocking_conn: sqlite3.Connection | None = None  # write_blocking's, made on use
 
     def __repr__(self) -> str:
         return f"SQLiteLedger({str(self.path)!r})"
@@ -423,6 +425,10 @@ class SQLiteLedger(Ledger):
                 if claims_conn is not None:
                     await asyncio.get_running_loop().run_in_executor(claims, claims_conn.close)
                 claims.shutdown(wait=True)
+            with self._blocking_lock:
+                blocking, self._blocking_conn = self._blocking_conn, None
+            if blocking is not None:
+                blocking.close()
             reader, read_conn = self._reader, self._read_conn
             self._reader = self._read_conn = None
             if reader is not None:
@@ -464,6 +470,18 @@ class SQLiteLedger(Ledger):
             return future
         self._queue.put(_Pending(row, future, loop))
         return future
+
+    def write_blocking(self, record: UsageRecord) -> None:
+        if self._closed or self._writer is None:
+            raise LedgerClosedError(f"{self!r} is not open: record {record.key!r} not written")
+        row = _to_row(record)
+        with self._blocking_lock:
+            if self._blocking_conn is None:
+                # Its own connection: the writer thread's belongs to that thread. SQLite's
+                # write lock (busy timeout) orders the two; a late progress row never
+                # overwrites a final one (the upsert changes open rows only).
+                self._blocking_conn = _open_writer(self.path, self.busy_timeout_ms)
+            _apply(self._blocking_conn, [row])
 
     async def flush(self) -> None:
         if self._writer is None:
