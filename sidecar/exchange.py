@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -384,6 +385,18 @@ class Exchange:
             await asyncio.to_thread(estimate.load)  # off the loop: a fraction of a second once
         return Usage(usage.prompt_tokens, estimate.count_tokens(text), Source.ESTIMATED)
 
+    async def count_prompt(self, call: Call, text: str) -> int:
+        """A prompt's tokens where the stream did not say: the engine's tokenizer (exact for
+        a completion's prompt; a chat's template tokens are the engine's own and not in it),
+        else tiktoken's estimate."""
+        if self.count_text is not None:
+            counted = await self.count_text(text, call.model)
+            if counted is not None:
+                return counted
+        if not estimate.loaded():
+            await asyncio.to_thread(estimate.load)
+        return estimate.count_tokens(text)
+
     # -- answers and streams ---------------------------------------------------------------
 
     async def answer(self, call: Call, reply: EngineReply) -> MeteredAnswer:
@@ -439,6 +452,7 @@ class Exchange:
         *,
         strip_usage_chunk: bool = False,
         with_receipt: bool = False,
+        prompt_text: str | None = None,
     ) -> MeteredStream:
         # Where a chunk is not a token, keep the text: without usage, the engine's tokenizer
         # counts it at the end.
@@ -446,7 +460,10 @@ class Exchange:
         meter = StreamMeter(
             call.endpoint, strip_usage_chunk=strip_usage_chunk, collect_text=collect
         )
-        return MeteredStream(self, call, reply, meter, with_receipt=with_receipt)
+        stream = MeteredStream(self, call, reply, meter, with_receipt=with_receipt)
+        if self.bill_total:
+            stream.prompt_text = prompt_text  # billed: counted where the stream says nothing
+        return stream
 
     # -- calls for shells that speak another API (the node's HTTP and WebSocket) -------------
 
@@ -537,6 +554,7 @@ class MeteredStream:
         "committed",
         "exchange",
         "meter",
+        "prompt_text",
         "reply",
         "with_receipt",
     )
@@ -558,6 +576,7 @@ class MeteredStream:
         self.with_receipt = with_receipt  # an SSE comment with the receipt before [DONE]
         self._released = False
         self._final_usage: Usage | None = None  # recounted at the end (no usage, no token chunks)
+        self.prompt_text: str | None = None  # --bill total: counted if the stream has no usage
 
     @property
     def key(self) -> str:
@@ -589,6 +608,11 @@ class MeteredStream:
         meter = self.meter
         if meter.collect_text and meter.reported is None:
             self._final_usage = await self.exchange.recount(self.call, meter.usage(), meter.text())
+        usage = self.usage
+        if self.prompt_text and usage.prompt_tokens is None:
+            # --bill total bills the prompt: the engine's tokenizer, else the estimate.
+            prompt = await self.exchange.count_prompt(self.call, self.prompt_text)
+            self._final_usage = dataclasses.replace(usage, prompt_tokens=prompt)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Use as ``async with contextlib.aclosing(stream.chunks()) as chunks``."""

@@ -34,6 +34,9 @@ class PreparedRequest:
     model: str | None
     client_wants_usage: bool  # the client set ``stream_options.include_usage: true``
     strip_usage_chunk: bool  # include_usage was injected: strip the usage chunk on relay
+    # A stream's prompt text (completions: the prompt; chat: the messages' text; responses:
+    # the input), for counting its prompt where the engine's stream says nothing of it.
+    prompt_text: str | None = None
 
 
 def prepare_request(
@@ -93,7 +96,32 @@ def prepare_request(
         model=model if type(model) is str else None,
         client_wants_usage=wants_usage,
         strip_usage_chunk=strip,
+        prompt_text=_prompt_text(endpoint, body) if stream else None,
     )
+
+
+def _prompt_text(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
+    """The text a request's prompt is made of (chat: its messages' contents, without the
+    template's own tokens, which only the engine knows)."""
+    if endpoint is Endpoint.COMPLETIONS:
+        prompt = body.get("prompt")
+        if type(prompt) is list and all(type(p) is str for p in prompt):
+            return "".join(prompt)
+        return prompt if type(prompt) is str else None
+    value = body.get("input" if endpoint is Endpoint.RESPONSES else "messages")
+    if type(value) is str:
+        return value  # a Responses API input may be plain text
+    messages: list[Any] = value if type(value) is list else []
+    parts: list[str] = []
+    for message in messages:
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is str:
+            parts.append(content)
+        elif type(content) is list:
+            parts.extend(
+                c["text"] for c in content if type(c) is dict and type(c.get("text")) is str
+            )
+    return "\n".join(parts) if parts else None
 
 
 LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")

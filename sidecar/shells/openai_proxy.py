@@ -166,6 +166,7 @@ class OpenAIProxy:
             upstream,
             strip_usage_chunk=prepared.strip_usage_chunk,
             with_receipt=request.headers.get(RECEIPT_REQUEST_HEADER) == "1",
+            prompt_text=prepared.prompt_text,
         )
         headers = forwardable_headers(upstream.headers, RESPONSE_DROP)
         headers.update(call_headers(call.key, call.max_tokens))

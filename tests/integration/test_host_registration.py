@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 
 import aiohttp
@@ -25,18 +26,17 @@ MODEL = "tiny-org/tiny-chat:tiny.gguf"  # as the SDK names it: repo:file
 
 
 async def sidecar_cli(*args: str) -> tuple[int, str, str]:
-    """The real command, in a child process (the test's own sidecar keeps answering)."""
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    """The real command, in a child process run from a thread (this loop, the test's own
+    sidecar, keeps answering the command's requests)."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
         env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
     )
-    out, err = await child.communicate()
-    return child.returncode or 0, out.decode(), err.decode()
+    return result.returncode, result.stdout, result.stderr
 
 
 def chain_flags(devnet, deployment, key_file) -> list[str]:

@@ -199,6 +199,7 @@ async def test_sidecar_token_reads_the_scope_from_the_sidecar(
     """The command a client runs: its token, made against the host's published scope, is what
     the OpenAI SDK sends as its API key."""
     import asyncio
+    import subprocess
     import sys
 
     from openai import AsyncOpenAI
@@ -208,31 +209,27 @@ async def test_sidecar_token_reads_the_scope_from_the_sidecar(
     )
     key_file = tmp_path / "client.key"
     key_file.write_text(devnet.requester.key)
-    command = ["-m", "sidecar", "token", "--job", f"{job}n", "--key-file", str(key_file)]
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *command,
-        "--sidecar",
-        sidecar.url,
-        "--expires",
-        "10m",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    command = [sys.executable, "-m", "sidecar", "token", "--job", f"{job}n"]
+    command += ["--key-file", str(key_file), "--sidecar", sidecar.url, "--expires", "10m"]
+    # From a thread, while this loop goes on serving the child's /v1/health request.
+    result = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60
     )
-    out, err = await child.communicate()
-    assert child.returncode == 0, err.decode()
-    token = out.decode().strip()
-    assert devnet.requester.key.removeprefix("0x") not in out.decode() + err.decode()
-    client = AsyncOpenAI(base_url=sidecar.url + "/v1", api_key=token, max_retries=0)
-    answer = await client.completions.create(
-        model="tiny", prompt="hi", max_tokens=5, extra_body={"job_id": job}
-    )
-    assert answer.usage is not None and answer.usage.completion_tokens == 5
-    stranger = AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="sk-not-a-token", max_retries=0)
-    with pytest.raises(Exception) as info:
-        await stranger.completions.create(
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert devnet.requester.key.removeprefix("0x") not in result.stdout + result.stderr
+    async with AsyncOpenAI(base_url=sidecar.url + "/v1", api_key=token, max_retries=0) as client:
+        answer = await client.completions.create(
             model="tiny", prompt="hi", max_tokens=5, extra_body={"job_id": job}
         )
+    assert answer.usage is not None and answer.usage.completion_tokens == 5
+    async with AsyncOpenAI(
+        base_url=sidecar.url + "/v1", api_key="sk-not-a-token", max_retries=0
+    ) as stranger:
+        with pytest.raises(Exception) as info:
+            await stranger.completions.create(
+                model="tiny", prompt="hi", max_tokens=5, extra_body={"job_id": job}
+            )
     assert getattr(info.value, "status_code", None) == 401
     # The depositor's first use bound the job to it: a stranger's own token cannot take it.
     assert await sidecar.ledger.binding(job) == devnet.requester.address.lower()

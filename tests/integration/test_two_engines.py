@@ -139,3 +139,25 @@ async def test_responses_api_is_metered_on_llama_server(llama_cpp_server, sideca
     assert view["cached_tokens"] == totals.cached_tokens and view["reasoning_tokens"] == 0
     if totals.cached_tokens:
         assert f'sidecar_tokens_total{{job="{job}",kind="cached",source="reported"}}' in metrics
+
+
+async def test_bill_total_counts_a_streams_prompt_with_the_engines_tokenizer(
+    llama_server, sidecar_factory
+) -> None:
+    """llama-cpp-python's streams carry no usage: under --bill total the prompt is counted by
+    its own tokenizer, exact for a completion (equal to its non-stream prompt_tokens)."""
+    sidecar = await sidecar_factory(llama_server.base_url, bill="total")
+    body = {
+        "model": llama_server.model_id,
+        "prompt": "Once upon a time there was",
+        "temperature": 0,
+    }
+    direct = await engine_usage(llama_server, "/v1/completions", {**body, "max_tokens": 4})
+    client = AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="none", max_retries=0)
+    stream = await client.completions.create(
+        **body, max_tokens=4, stream=True, extra_body={"job_id": 304}
+    )
+    assert sum(1 for c in [c async for c in stream] if c.choices and c.choices[0].text) == 4
+    [record] = await sidecar.ledger.records(304)
+    assert record.prompt_tokens == direct["prompt_tokens"]
+    assert record.billable_tokens == direct["prompt_tokens"] + 4
