@@ -92,9 +92,9 @@ async def finished_records(sidecar, job: int) -> list:
 
 
 async def test_ws_session_accumulates_across_prompts_and_reconnects(
-    llama_server, sidecar_factory
+    any_engine, sidecar_factory
 ) -> None:
-    sidecar = await sidecar_factory(llama_server.base_url)
+    sidecar = await sidecar_factory(any_engine.base_url)
     job = 41
     async with aiohttp.ClientSession() as http:
         async with node_socket(http, sidecar.url) as ws:
@@ -290,11 +290,11 @@ async def test_malformed_frames_get_errors_and_the_session_goes_on(
 # -- POST /v1/inference and the GET routes --------------------------------------------------
 
 
-async def test_inference_over_http_streamed_and_not(llama_server, sidecar_factory) -> None:
-    sidecar = await sidecar_factory(llama_server.base_url)
+async def test_inference_over_http_streamed_and_not(any_engine, sidecar_factory) -> None:
+    sidecar = await sidecar_factory(any_engine.base_url)
     job = 45
     async with aiohttp.ClientSession() as http:
-        body = {"model": llama_server.model_id, "prompt": "hello", "max_tokens": 11}
+        body = {"model": any_engine.model_id, "prompt": "hello", "max_tokens": 11}
         async with http.post(
             sidecar.url + "/v1/inference",
             json={**body, "session_id": f"{job}n", "request_id": "r-1"},
@@ -302,7 +302,7 @@ async def test_inference_over_http_streamed_and_not(llama_server, sidecar_factor
             assert resp.status == 200
             answer = await resp.json()
         assert answer["tokens_used"] == 11 == answer["usage"]["completion_tokens"]
-        assert answer["request_id"] == "r-1" and answer["model"] == llama_server.model_id
+        assert answer["request_id"] == "r-1" and answer["model"] == any_engine.model_id
         assert answer["finish_reason"] == "length" and isinstance(answer["content"], str)
         assert answer["usage"]["total_tokens"] == (
             answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]

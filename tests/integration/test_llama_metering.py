@@ -1,5 +1,6 @@
-"""The real llama-cpp-python server on the tiny model, the OpenAI SDK as the client, the sidecar
-in between: what is metered equals what the engine says it generated."""
+"""The real engines on the tiny model (llama-cpp-python, and llama.cpp's llama-server for the
+OpenAI-route tests, both with --engine auto), the OpenAI SDK as the client, the sidecar in
+between: what is metered equals what the engine says it generated."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from sidecar.metering import Source
 pytestmark = pytest.mark.integration
 
 
+# A stream's count: llama-cpp-python reports no usage in streams (its chunks are counted); the
+# sidecar asks llama-server for it (reported).
+STREAM_SOURCE = {"Engine": Source.COUNTED, "LlamaCppServer": Source.REPORTED}
+
+
 def client_for(url: str, **kwargs) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=url + "/v1", api_key="not-needed", max_retries=0, **kwargs)
 
 
-async def test_non_stream_counts_equal_engine_usage(llama_server, sidecar_factory) -> None:
-    sidecar = await sidecar_factory(llama_server.base_url)
+async def test_non_stream_counts_equal_engine_usage(any_engine, sidecar_factory) -> None:
+    sidecar = await sidecar_factory(any_engine.base_url)
     client = client_for(sidecar.url)
     chat = await client.chat.completions.create(
         model="tiny",
@@ -47,8 +53,8 @@ async def test_non_stream_counts_equal_engine_usage(llama_server, sidecar_factor
     assert totals.prompt_tokens == chat.usage.prompt_tokens + completion.usage.prompt_tokens
 
 
-async def test_streams_count_max_tokens(llama_server, sidecar_factory) -> None:
-    sidecar = await sidecar_factory(llama_server.base_url)
+async def test_streams_count_max_tokens(any_engine, sidecar_factory) -> None:
+    sidecar = await sidecar_factory(any_engine.base_url)
     client = client_for(sidecar.url)
     chat = await client.chat.completions.create(
         model="tiny",
@@ -70,14 +76,15 @@ async def test_streams_count_max_tokens(llama_server, sidecar_factory) -> None:
     texts = [c.choices[0].text async for c in completion if c.choices and c.choices[0].text]
     assert len(pieces) == 40 and len(texts) == 33
     records = await sidecar.ledger.records(21)
+    source = STREAM_SOURCE[type(any_engine).__name__]
     assert [(r.completion_tokens, r.source, r.state) for r in records] == [
-        (40, Source.COUNTED, RecordState.FINAL),
-        (33, Source.COUNTED, RecordState.FINAL),
+        (40, source, RecordState.FINAL),
+        (33, source, RecordState.FINAL),
     ]
 
 
-async def test_total_billing_counts_the_prompt(llama_server, sidecar_factory) -> None:
-    sidecar = await sidecar_factory(llama_server.base_url, bill="total")
+async def test_total_billing_counts_the_prompt(any_engine, sidecar_factory) -> None:
+    sidecar = await sidecar_factory(any_engine.base_url, bill="total")
     client = client_for(sidecar.url)
     answer = await client.completions.create(
         model="tiny", prompt="one two three", max_tokens=5, extra_body={"jobId": "8"}
@@ -87,8 +94,8 @@ async def test_total_billing_counts_the_prompt(llama_server, sidecar_factory) ->
     assert totals is not None and totals.billable_tokens == answer.usage.total_tokens
 
 
-async def test_eight_concurrent_streams_over_three_jobs(llama_server, sidecar_factory) -> None:
-    sidecar = await sidecar_factory(llama_server.base_url)
+async def test_eight_concurrent_streams_over_three_jobs(any_engine, sidecar_factory) -> None:
+    sidecar = await sidecar_factory(any_engine.base_url)
     client = client_for(sidecar.url)
     plan = [(1, 10), (2, 20), (3, 30), (1, 15), (2, 25), (3, 35), (1, 12), (2, 18)]
 
@@ -114,7 +121,8 @@ async def test_eight_concurrent_streams_over_three_jobs(llama_server, sidecar_fa
         async with http.get(sidecar.url + "/sidecar/jobs") as resp:
             jobs = {j["job_id"]: j for j in (await resp.json())["jobs"]}
     assert jobs["2"]["billable_tokens"] == 63
-    assert jobs["3"]["billable_tokens_by_source"] == {"counted": 65}
+    source = STREAM_SOURCE[type(any_engine).__name__].value
+    assert jobs["3"]["billable_tokens_by_source"] == {source: 65}
 
 
 def engine_disconnects(llama_server) -> int:
