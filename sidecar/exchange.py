@@ -7,10 +7,10 @@ sent and formats what its client gets; everything between is here, the same for 
   lowered to what the job's deposit still covers (an ``int``, never a header string);
 * the metered JSON answer: read whole, its usage extracted, its record committed, then handed
   to the shell to deliver;
-* the metered stream (:class:`MeteredStream`, the one streaming loop): bytes relayed as they
-  arrive, progress persisted every 64 tokens or every second, the FINAL record committed before
-  the chunk holding ``[DONE]`` is handed on, an ABORTED record when the engine breaks off or the
-  consumer leaves (the engine request is then closed, so it stops generating);
+* the metered stream (:class:`~sidecar.metered_stream.MeteredStream`, the one loop): bytes
+  relayed as they arrive, progress persisted every 64 tokens or every second, the FINAL record
+  committed before the chunk holding ``[DONE]`` is handed on, an ABORTED record when the engine
+  breaks off or the consumer leaves (the engine request is then closed, so it stops generating);
 * the billing rule, and after every commit: the metrics and the chain service's notice.
 
 No sockets of the client's and no ``aiohttp.web`` here: the engine is reached through a small
@@ -27,26 +27,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.auth import Requester, SessionAuth
+from sidecar.calls import Admission, Call, EngineReply
 from sidecar.config import Settings
 from sidecar.engine_detect import EngineIdentity
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
 from sidecar.ledger import Ledger, RecordState, UsageRecord
+from sidecar.metered_stream import MeteredStream
 from sidecar.metering import (
-    DONE,
     Endpoint,
     Source,
-    SSEDecoder,
     StreamMeter,
     Usage,
     estimate,
@@ -55,7 +54,7 @@ from sidecar.metering import (
 from sidecar.metering.requests import LIMIT_FIELDS, RESPONSES_LIMIT_FIELDS, cap_max_tokens
 from sidecar.metering.usage import response_text, usage_from_body
 from sidecar.metrics import Metrics
-from sidecar.reservations import NO_HOLD, Hold, Reservations
+from sidecar.reservations import Reservations
 
 log = logging.getLogger("sidecar.exchange")
 
@@ -74,27 +73,7 @@ RECEIPT_TOKENS = "X-Sidecar-Tokens"
 RECEIPT_JOB_TOKENS = "X-Sidecar-Job-Tokens"
 RECEIPT_DEPOSIT_LEFT = "X-Sidecar-Deposit-Left"
 
-PROGRESS_EVERY_TOKENS = 64
-PROGRESS_EVERY_SECONDS = 1.0
 ENGINE_ERROR_TEXT = 300  # characters of an engine's error message quoted to the client
-
-
-class EngineReply(Protocol):
-    """What the core needs of one engine answer (see :class:`sidecar.engine.EngineResponse`)."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def is_event_stream(self) -> bool: ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-    async def read(self) -> bytes: ...
-
-    def close(self) -> None: ...
-
-    def release(self) -> None: ...
 
 
 class Engine(Protocol):
@@ -136,29 +115,6 @@ def engine_error_message(status: int, payload: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         text = payload[:ENGINE_ERROR_TEXT].decode("utf-8", "replace") or "(empty)"
     return f"the engine answered {status}: {text}"
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """What admission decided: the body to send, the lowered ``max_tokens`` if it was, and what
-    the call holds of its job's deposit until its record is committed."""
-
-    body: bytes
-    max_tokens: int | None = None  # set when lowered to what the job's deposit still covers
-    hold: Hold = NO_HOLD
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One metered engine call while it is served: what its records are keyed and labelled by."""
-
-    key: str  # the record's idempotency key (also X-Sidecar-Request-Id)
-    endpoint: Endpoint
-    job_id: int | None
-    model: str | None
-    started_ms: int
-    max_tokens: int | None  # lowered by admission, else None
-    hold: Hold = NO_HOLD  # released when the call's record is committed (or it never ran)
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,235 +488,12 @@ class Exchange:
         return call, reply
 
 
-class MeteredStream:
-    """One engine stream through a :class:`StreamMeter`: the one streaming loop of every shell.
-
-    :meth:`chunks` yields the bytes to relay (a shell writes them unchanged); :meth:`events`
-    yields the engine's parsed JSON chunks instead. Either way:
-
-    * progress is persisted while the stream runs;
-    * the FINAL record is committed before the chunk holding ``data: [DONE]`` is yielded (or,
-      at an end without it, before the iteration ends);
-    * if the engine breaks off, an ABORTED record is committed and
-      :class:`~sidecar.errors.UpstreamBroke` raised;
-    * if the consumer stops early (``aclose``, a cancelled task, a client gone), the engine
-      request is closed and an ABORTED record written without waiting.
-    """
-
-    __slots__ = (
-        "_final_usage",
-        "_released",
-        "call",
-        "committed",
-        "exchange",
-        "meter",
-        "prompt_text",
-        "reply",
-        "with_receipt",
-    )
-
-    def __init__(
-        self,
-        exchange: Exchange,
-        call: Call,
-        reply: EngineReply,
-        meter: StreamMeter,
-        *,
-        with_receipt: bool = False,
-    ) -> None:
-        self.exchange = exchange
-        self.call = call
-        self.reply = reply
-        self.meter = meter
-        self.committed = False
-        self.with_receipt = with_receipt  # an SSE comment with the receipt before [DONE]
-        self._released = False
-        self._final_usage: Usage | None = None  # recounted at the end (no usage, no token chunks)
-        self.prompt_text: str | None = None  # --bill total: counted if the stream has no usage
-
-    @property
-    def key(self) -> str:
-        return self.call.key
-
-    @property
-    def status(self) -> int:
-        return self.reply.status
-
-    @property
-    def max_tokens(self) -> int | None:
-        return self.call.max_tokens
-
-    @property
-    def usage(self) -> Usage:
-        """The metered usage so far (final once the iteration ended)."""
-        return self._final_usage or self.meter.usage()
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.meter.completion_tokens
-
-    def _record(self, state: RecordState) -> UsageRecord:
-        return self.exchange.record(self.call, self.usage, state, self.reply.status)
-
-    async def _finish_usage(self) -> None:
-        """At the end: a stream that reported no usage, whose chunks are not tokens, is
-        counted by the engine's tokenizer over its text (else estimated)."""
-        meter = self.meter
-        if meter.collect_text and meter.reported is None:
-            self._final_usage = await self.exchange.recount(self.call, meter.usage(), meter.text())
-        usage = self.usage
-        if self.prompt_text and usage.prompt_tokens is None:
-            # --bill total bills the prompt: the engine's tokenizer, else the estimate.
-            prompt = await self.exchange.count_prompt(self.call, self.prompt_text)
-            self._final_usage = dataclasses.replace(usage, prompt_tokens=prompt)
-
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        """Use as ``async with contextlib.aclosing(stream.chunks()) as chunks``."""
-        exchange, meter = self.exchange, self.meter
-        exchange.metrics.streams_in_flight.inc()
-        loop = asyncio.get_running_loop()
-        persisted_tokens = 0
-        persisted_at = loop.time()
-        try:
-            async for chunk in self.reply.chunks():
-                out = meter.feed(chunk)
-                if meter.done:
-                    if not self.committed:
-                        # [DONE] is in this chunk: the record goes first, then the bytes.
-                        await self._finish_usage()
-                        await exchange.commit(self._record(RecordState.FINAL))
-                        self.committed = True
-                        self.call.hold.release()
-                        if self.with_receipt and self.call.job_id is not None:
-                            receipt = await exchange.receipt(self.call, self.usage)
-                            out = with_comment_before_done(out, receipt_comment(receipt))
-                elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
-                    loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
-                    and meter.completion_tokens != persisted_tokens
-                ):
-                    persisted_tokens = meter.completion_tokens
-                    persisted_at = loop.time()
-                    exchange.persist_progress(self._record(RecordState.OPEN))
-                if out:
-                    yield out
-            tail = meter.finish()
-            self._log_anomalies()
-            if not self.committed:
-                await self._finish_usage()
-                await exchange.commit(self._record(RecordState.FINAL))
-                self.committed = True
-            if tail:
-                yield tail
-        except UpstreamBroke as exc:
-            await self._broke(exc)
-            raise
-        except LedgerUnavailable:
-            # The final record was refused: the end is not delivered. What was relayed before
-            # is still written as ABORTED if the ledger takes it, but not counted as served.
-            self._abandon(count=False)
-            raise
-        finally:
-            exchange.metrics.streams_in_flight.dec()
-            if not self.committed:
-                self._abandon()
-            self.call.hold.release()
-
-    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
-        """The engine's JSON chunks (``[DONE]`` excluded); use as
-        ``async with contextlib.aclosing(stream.events())``."""
-        decoder = SSEDecoder()
-        try:
-            async with contextlib.aclosing(self.chunks()) as chunks:
-                async for out in chunks:
-                    for event in decoder.feed(out):
-                        chunk = _json_chunk(event.data)
-                        if chunk is not None:
-                            yield chunk
-        finally:
-            self.release()
-
-    async def aclose(self) -> None:
-        """Stop early: the engine request is closed, the tokens so far recorded as ABORTED."""
-        if not self.committed:
-            self._abandon()
-        self.call.hold.release()
-        self.release()
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.reply.release()
-
-    async def _broke(self, exc: UpstreamBroke) -> None:
-        """The engine's stream broke: commit what was relayed as ABORTED."""
-        with contextlib.suppress(RuntimeError):  # finish() already ran
-            self.meter.finish()
-        self.exchange.metrics.upstream_errors.labels("broken_stream").inc()
-        log.warning(
-            "engine stream broke (job %s, request %s) after %d tokens: %s",
-            self.call.job_id,
-            self.call.key,
-            self.meter.completion_tokens,
-            exc,
-        )
-        if not self.committed:
-            self.committed = True
-            await self.exchange.commit(self._record(RecordState.ABORTED))
-
-    def _abandon(self, *, count: bool = True) -> None:
-        """The consumer left (client gone, generation cancelled): stop the engine, keep what
-        was relayed. Does not await: safe in a task that is being cancelled."""
-        self.committed = True
-        self.reply.close()
-        self.exchange.submit_unawaited(self._record(RecordState.ABORTED), count=count)
-        log.info(
-            "client left stream of job %s after %d tokens; engine request closed",
-            self.call.job_id,
-            self.meter.completion_tokens,
-        )
-
-    def _log_anomalies(self) -> None:
-        anomalies = self.meter.anomalies
-        if anomalies:
-            self.exchange.metrics.stream_anomalies.inc(len(anomalies))
-            log.warning(
-                "engine stream of job %s (request %s) was malformed: %s",
-                self.call.job_id,
-                self.call.key,
-                "; ".join(anomalies[:5]),
-            )
-
-
-def receipt_comment(receipt: dict[str, str]) -> bytes:
-    """The receipt as one SSE comment line (SSE clients skip comments)."""
-    return b": sidecar-receipt " + json.dumps(receipt, separators=(",", ":")).encode() + b"\n\n"
-
-
-def with_comment_before_done(out: bytes, comment: bytes) -> bytes:
-    """``out`` with ``comment`` before its ``data: [DONE]`` event; after ``out`` when the event
-    began in an earlier chunk (already relayed: a comment after it is still valid SSE)."""
-    at = max(out.rfind(b"data: [DONE]"), out.rfind(b"data:[DONE]"))
-    if at < 0 or (at > 0 and out[at - 1 : at] not in (b"\n", b"\r")):
-        return out + comment
-    return out[:at] + comment + out[at:]
-
-
 @contextlib.asynccontextmanager
 async def _released(reply: EngineReply) -> AsyncIterator[EngineReply]:
     try:
         yield reply
     finally:
         reply.release()
-
-
-def _json_chunk(data: str) -> dict[str, Any] | None:
-    if data == DONE:
-        return None
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return None
-    return value if type(value) is dict else None
 
 
 def _log_failed_write(future: asyncio.Future[None]) -> None:

@@ -75,7 +75,7 @@ class EncryptedSession:
         ws_url = url.replace("https://", "wss://").replace("http://", "ws://") + "/v1/ws"
         async with aiohttp.ClientSession() as http, http.ws_connect(ws_url) as ws:
             session = cls(ws, host_public_key, job_id, client_key, chain_id)
-            first = await session._receive()
+            first = await session.receive()
             if first.get("type") != "connected":
                 raise SessionError(first)
             yield session
@@ -90,7 +90,7 @@ class EncryptedSession:
         """One prompt under a new session key: the generated text and the ``stream_end``."""
         session_key = os.urandom(32)
         await self._ws.send_json(self._init(session_key))
-        ack = await self._receive()
+        ack = await self.receive()
         if ack.get("type") != "session_init_ack":
             raise SessionError(ack)
         self.acks.append(ack)
@@ -114,7 +114,7 @@ class EncryptedSession:
         )
         parts: list[str] = []
         while True:
-            reply = await self._receive()
+            reply = await self.receive()
             kind = reply.get("type")
             if kind == "encrypted_chunk":
                 parts.append(self._open(session_key, reply["payload"]).decode())
@@ -167,7 +167,7 @@ class EncryptedSession:
             aad_bytes,
         )
 
-    async def _receive(self) -> dict[str, Any]:
+    async def receive(self) -> dict[str, Any]:
         while True:
             msg = await self._ws.receive(timeout=RECEIVE_TIMEOUT)
             if msg.type is not aiohttp.WSMsgType.TEXT:

@@ -474,12 +474,10 @@ class SQLiteLedger(Ledger):
     def write_blocking(self, record: UsageRecord) -> None:
         if self._closed or self._writer is None:
             raise LedgerClosedError(f"{self!r} is not open: record {record.key!r} not written")
-        row = _to_row(record)
+        row = _to_row(record)  # checked before the lock
         with self._blocking_lock:
-            if self._blocking_conn is None:
-                # Its own connection: the writer thread's belongs to that thread. SQLite's
-                # write lock (busy timeout) orders the two; a late progress row never
-                # overwrites a final one (the upsert changes open rows only).
+            if self._blocking_conn is None:  # its own: SQLite's write lock orders it with the
+                # writer thread's, and a late progress row never overwrites a final one
                 self._blocking_conn = _open_writer(self.path, self.busy_timeout_ms)
             _apply(self._blocking_conn, [row])
 
@@ -629,12 +627,9 @@ class SQLiteLedger(Ledger):
         return bound[0]
 
     async def binding(self, job_id: int) -> str | None:
-        job_text = _job_text(job_id)
-        row = await self._read(
-            lambda conn: conn.execute(
-                "SELECT address FROM job_bindings WHERE job_id = ?", (job_text,)
-            ).fetchone()
-        )
+        params = (_job_text(job_id),)
+        query = "SELECT address FROM job_bindings WHERE job_id = ?"
+        row = await self._read(lambda conn: conn.execute(query, params).fetchone())
         return None if row is None else str(row[0])
 
     async def _write_claims(self, op: Callable[[sqlite3.Connection], None]) -> None:

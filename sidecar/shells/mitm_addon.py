@@ -28,12 +28,13 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
+from sidecar.calls import Call
 from sidecar.config import Settings, load_settings
 from sidecar.engine import EngineClient
 from sidecar.engine_detect import EngineIdentity
 from sidecar.engine_facts import EngineFacts
 from sidecar.errors import BadRequest, SidecarError
-from sidecar.exchange import METERED_ROUTES, Call, Exchange
+from sidecar.exchange import METERED_ROUTES, Exchange
 from sidecar.ledger import Ledger, RecordState, open_ledger
 from sidecar.metering import (
     InvalidJobId,

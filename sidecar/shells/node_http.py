@@ -23,8 +23,9 @@ from sidecar.auth import Requester
 from sidecar.engine import EngineClient, EngineHealth
 from sidecar.engine_facts import EngineFacts
 from sidecar.errors import BadRequest, SidecarError, UpstreamError, to_response
-from sidecar.exchange import Exchange, MeteredAnswer, MeteredStream, engine_error_message
+from sidecar.exchange import Exchange, MeteredAnswer, engine_error_message
 from sidecar.ledger import Ledger
+from sidecar.metered_stream import MeteredStream
 from sidecar.metering import Endpoint, InvalidJobId, resolve_job_id, safejson
 from sidecar.metering.jobs import JOB_BODY_FIELDS
 from sidecar.models import ModelNames

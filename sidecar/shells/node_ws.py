@@ -29,8 +29,9 @@ from aiohttp import WSMsgType, web
 
 from sidecar.auth import Requester
 from sidecar.errors import BadRequest, JobRefused, SidecarError, UpstreamError
-from sidecar.exchange import Exchange, MeteredStream
+from sidecar.exchange import Exchange
 from sidecar.ledger import Ledger
+from sidecar.metered_stream import MeteredStream
 from sidecar.metering import Endpoint, InvalidJobId, safejson
 from sidecar.shells.node_http import Measured, NodeHttp, engine_refusal
 from sidecar.shells.node_protocol import (

@@ -20,9 +20,10 @@ import time
 
 from aiohttp import web
 
+from sidecar.calls import Call
 from sidecar.engine import EngineClient, EngineResponse
 from sidecar.errors import BadRequest, RequestTooLarge, SidecarError, UpstreamBroke, to_response
-from sidecar.exchange import METERED_ROUTES, Call, Exchange
+from sidecar.exchange import METERED_ROUTES, Exchange
 from sidecar.metering import Endpoint, InvalidJobId, InvalidRequestBody, prepare_request
 from sidecar.metering.requests import PreparedRequest
 from sidecar.models import ModelNames

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.calls import Admission
 from sidecar.config import Settings
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
-from sidecar.exchange import Admission, Exchange, billable_tokens, with_comment_before_done
+from sidecar.exchange import Exchange, billable_tokens
 from sidecar.ledger import Ledger, RecordState, open_ledger
+from sidecar.metered_stream import with_comment_before_done
 from sidecar.metering import Endpoint, Source, Usage
 from sidecar.metrics import Metrics
 from tests.support.faulty_upstream import DONE, chat_chunk
