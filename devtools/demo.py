@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from devtools.children import start_process, stop_process, wait_for_http
 from devtools.demo_market import (
     MARKET_MODEL,
+    chain_flags,
     encrypted_session,
     job_tokens,
     refused_strangers,
@@ -177,16 +178,9 @@ def _sidecar_command(
         f"127.0.0.1:{port}",
         "--ledger",
         f"sqlite:///{ledger}",
-        "--rpc-url",
-        chain.rpc_url,
-        "--chain-id",
-        str(chain.chain_id),
-        "--marketplace",
-        deployment.marketplace,
+        *chain_flags(chain, deployment, key_file),
         "--contract-version",
         "v1",
-        "--host-key-file",
-        str(key_file),
         "--dispute-window",
         "30",
     ]
