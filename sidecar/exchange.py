@@ -284,6 +284,11 @@ class Exchange:
         self.metrics.ledger_write_latency.observe(time.perf_counter() - started)
         self._count(record)
 
+    def committed(self, record: UsageRecord) -> None:
+        """A final record a shell made durable itself (``Ledger.write_blocking``): counted in
+        the metrics and told to the chain service, as :meth:`commit` does."""
+        self._count(record)
+
     def persist_progress(self, record: UsageRecord) -> None:
         """An OPEN record of a running stream: written without waiting for the commit."""
         self.ledger.submit(record)
@@ -333,25 +338,23 @@ class Exchange:
         """The generated ``text`` counted by the engine's tokenizer (TOKENIZED: exact for the
         model it runs), else by tiktoken (ESTIMATED): an answer that reported no usage, from
         an engine whose chunks are not tokens."""
-        if self.count_text is not None:
-            counted = await self.count_text(text, call.model)
-            if counted is not None:
-                return Usage(usage.prompt_tokens, counted, Source.TOKENIZED)
-        if not estimate.loaded():
-            await asyncio.to_thread(estimate.load)  # off the loop: a fraction of a second once
-        return Usage(usage.prompt_tokens, estimate.count_tokens(text), Source.ESTIMATED)
+        counted, source = await self._count_text(call, text)
+        return Usage(usage.prompt_tokens, counted, source)
 
     async def count_prompt(self, call: Call, text: str) -> int:
         """A prompt's tokens where the stream did not say: the engine's tokenizer (exact for
         a completion's prompt; a chat's template tokens are the engine's own and not in it),
         else tiktoken's estimate."""
+        return (await self._count_text(call, text))[0]
+
+    async def _count_text(self, call: Call, text: str) -> tuple[int, Source]:
         if self.count_text is not None:
             counted = await self.count_text(text, call.model)
             if counted is not None:
-                return counted
+                return counted, Source.TOKENIZED
         if not estimate.loaded():
-            await asyncio.to_thread(estimate.load)
-        return estimate.count_tokens(text)
+            await asyncio.to_thread(estimate.load)  # off the loop: a fraction of a second once
+        return estimate.count_tokens(text), Source.ESTIMATED
 
     # -- answers and streams ---------------------------------------------------------------
 

@@ -80,7 +80,7 @@ class _StreamRelay:
         self.exchange.ledger.write_blocking(record)
         self.committed = True
         self.call.hold.release()
-        self.exchange.submit_unawaited(record, count=True)  # metrics and the chain's notice
+        self.exchange.committed(record)  # metrics and the chain's notice
 
     def abandon(self) -> None:
         """The stream broke off before its end: what was relayed is recorded as aborted."""
