@@ -17,7 +17,6 @@ An explicit ``--engine NAME`` is never second-guessed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 from sidecar.engine import EngineClient
 from sidecar.errors import UpstreamError
 from sidecar.metering.dialects import AUTO, UNKNOWN, EngineProfile, engine_profile
+from sidecar.tasks import stop_task
 
 log = logging.getLogger("sidecar.engine")
 
@@ -105,9 +105,7 @@ class EngineIdentity:
 
     async def stop(self) -> None:
         if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+            await stop_task(self._watch)  # its probes' timeouts may swallow one cancel
             self._watch = None
 
     async def detect(self, engine: EngineClient) -> bool:

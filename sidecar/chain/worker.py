@@ -35,6 +35,7 @@ from sidecar.chain.sender import Outcome, TxResult, describe, is_transient
 from sidecar.config import Settings
 from sidecar.ledger import Claim, ClaimKind, ClaimState, Ledger, RecordState
 from sidecar.metrics import Metrics
+from sidecar.tasks import stop_task
 
 log = logging.getLogger("sidecar.chain")
 
@@ -106,11 +107,7 @@ class ClaimWorker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._task)
             self._task = None
 
     def wake(self, job_id: int) -> None:
