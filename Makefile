@@ -20,13 +20,13 @@ DEVCHAIN := devchain
 DEVCHAIN_INSTALLED := $(DEVCHAIN)/node_modules/.package-lock.json
 DEVCHAIN_BUILT := $(DEVCHAIN)/build/.compiled
 
-.PHONY: demo test lint format bench clean install devchain mitm
+.PHONY: demo test lint format bench clean install devchain mitm postgres
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[upstream,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[upstream,postgres,dev]'
 	touch $(STAMP)
 
 # The local chain: anvil and solc-js from npm (exact pins, lockfile; --ignore-scripts: nothing is
@@ -58,7 +58,17 @@ mitm: $(MITM_STAMP)
 $(LLAMA_SERVER): $(STAMP)
 	$(BIN)/python upstream/build_llama_server.py var/llama.cpp
 
-test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP)
+# PostgreSQL 15 for the ledger suite's second backend and the replica tests: Debian's package;
+# the tests start their own server on their own folder and port.
+PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
+
+$(PG_CTL):
+	@[ "$$(id -u)" = 0 ] || { echo "PostgreSQL 15 is missing: run apt-get install postgresql-15 as root"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15
+
+postgres: $(PG_CTL)
+
+test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP) $(PG_CTL)
 	$(BIN)/python -m pytest
 
 # ruff, then the type checker over sidecar/ and devtools/ (settings: pyproject.toml [tool.mypy]).

@@ -53,7 +53,7 @@ _WHO_IS_SERVED = {
 
 def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Application:
     """The sidecar as an aiohttp app. The ledger is opened on startup and closed on cleanup."""
-    ledger = ledger or open_ledger(settings.ledger_url)
+    ledger = ledger or open_ledger(settings.ledger_url, password=settings.read_ledger_password())
     metrics = Metrics()
     chain = None
     if settings.rpc_url:

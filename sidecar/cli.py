@@ -197,7 +197,7 @@ def _jobs(settings: Settings, job: str | None, *, as_json: bool) -> int:
         return 1
 
     async def read() -> tuple[list[JobTotals], list[Claim]]:
-        ledger = open_ledger(settings.ledger_url)
+        ledger = open_ledger(settings.ledger_url, password=settings.read_ledger_password())
         await ledger.open()
         try:
             if job is None:

@@ -75,8 +75,30 @@ class Settings:
     )
     ledger: str = _opt(
         None,
-        "durable ledger URL: sqlite:///PATH (default: a file in the user's data folder)",
+        "durable ledger URL: sqlite:///PATH (default: a file in the user's data folder), or "
+        "postgresql://USER@HOST:PORT/DB for several replicas sharing one ledger",
         metavar="URL",
+    )
+    ledger_password_file: str | None = _opt(
+        None,
+        "file holding the PostgreSQL ledger's password (keeps it out of the URL and the "
+        "environment; a compose secret)",
+        metavar="PATH",
+    )
+    submitter_takeover: int = _opt(
+        15,
+        "seconds within which another replica takes over sending the host's transactions "
+        "when the submitting replica dies",
+        metavar="SECONDS",
+    )
+    shutdown_grace: int = _opt(
+        30,
+        "on SIGTERM: seconds that streams in flight may still run before they are cut (their "
+        "counts recorded)",
+        metavar="SECONDS",
+    )
+    log_format: str = _opt(
+        "text", "log lines as text, or json (one object per line)", choices=("text", "json")
     )
     bill: str = _opt(
         "completion",
@@ -183,6 +205,18 @@ class Settings:
             raise ConfigError(f"the host key in {where} is not 32 bytes of hex")
         return "0x" + key.lower()
 
+    def read_ledger_password(self) -> str | None:
+        """The PostgreSQL ledger's password from --ledger-password-file (None: not set)."""
+        if not self.ledger_password_file:
+            return None
+        try:
+            text = Path(self.ledger_password_file).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the ledger password file {self.ledger_password_file}: {exc.strerror}"
+            ) from None
+        return text.strip()
+
     @property
     def session_auth_mode(self) -> str:
         """``--session-auth``, its default resolved: bound with a chain, none without."""
@@ -220,8 +254,17 @@ class Settings:
             elif f.name == "rpc_url" and value:
                 value = redact_url(value)
             out[f.name] = value
-        out["ledger"] = self.ledger_url
+        out["ledger"] = redact_password(self.ledger_url)
         return out
+
+
+def redact_password(url: str) -> str:
+    """The URL with the password of its user info masked (a ledger URL may carry one)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def redact_url(url: str) -> str:
@@ -411,5 +454,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--default-max-tokens must be at least 1")
     if settings.dispute_window < 0 or settings.settle_after_idle < 0:
         raise ConfigError("--dispute-window and --settle-after-idle must not be negative")
-    if not settings.ledger_url.startswith("sqlite:///"):
-        raise ConfigError(f"--ledger must be sqlite:///PATH, got {settings.ledger_url!r}")
+    if not settings.ledger_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(
+            "--ledger must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB, got "
+            f"{redact_password(settings.ledger_url)!r}"
+        )
+    if settings.submitter_takeover < 1:
+        raise ConfigError("--submitter-takeover must be at least 1 second")
+    if settings.shutdown_grace < 0:
+        raise ConfigError("--shutdown-grace must not be negative")

@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.auth import Requester, SessionAuth
 from sidecar.calls import Admission, Call, EngineReply
@@ -54,7 +54,10 @@ from sidecar.metering import (
 from sidecar.metering.requests import LIMIT_FIELDS, RESPONSES_LIMIT_FIELDS, cap_max_tokens
 from sidecar.metering.usage import response_text, usage_from_body
 from sidecar.metrics import Metrics
-from sidecar.reservations import Reservations
+from sidecar.reservations import Hold, Reservations
+
+if TYPE_CHECKING:  # the chain package pulls in web3; the core needs only the type
+    from sidecar.chain.admission import Allowance
 
 log = logging.getLogger("sidecar.exchange")
 
@@ -93,6 +96,8 @@ class JobGate(Protocol):
     def note_usage(self, job_id: int) -> None: ...
 
     def tokens_left(self, job_id: int, metered: int) -> int | None: ...
+
+    def allowance(self, job_id: int) -> Allowance | None: ...
 
 
 def billable_tokens(endpoint: Endpoint, usage: Usage, *, bill_total: bool) -> int:
@@ -220,21 +225,48 @@ class Exchange:
         left = None if job_id is None else await self.admit_job(job_id, requester)
         if left is None or job_id is None or endpoint is Endpoint.EMBEDDINGS:
             return Admission(body)
+        fields = RESPONSES_LIMIT_FIELDS if endpoint is Endpoint.RESPONSES else LIMIT_FIELDS
+        if self.ledger.shared:
+            return await self._admit_shared(job_id, left, body, fields)
         available = left - self.reservations.held(job_id)
         if available <= 0:
-            raise self.refused(
-                JobRefused(
-                    f"job {job_id}'s deposit is held by requests in flight; retry when they end",
-                    code="budget_spent",
-                )
-            )
-        fields = RESPONSES_LIMIT_FIELDS if endpoint is Endpoint.RESPONSES else LIMIT_FIELDS
+            raise self._held_in_flight(job_id)
         body, limit, lowered = cap_max_tokens(
             body, available, default=self.default_max_tokens, fields=fields
         )
         hold = self.reservations.grant(job_id, left, limit)
         # The deposit covers fewer tokens than asked: the shell says so rather than work for free.
         return Admission(body, limit if lowered else None, hold)
+
+    async def _admit_shared(
+        self, job_id: int, left: int, body: bytes, fields: tuple[str, ...]
+    ) -> Admission:
+        """Admission when replicas share the ledger: the hold is granted in the ledger, against
+        every replica's holds and records at once, and the body is capped to what it got."""
+        assert self.chain is not None
+        allowance = self.chain.allowance(job_id)
+        if allowance is None:  # admitted a moment ago, so the view is cached; never refuse for it
+            raise self._held_in_flight(job_id)
+        _, want, _ = cap_max_tokens(body, left, default=self.default_max_tokens, fields=fields)
+        hold_id, tokens = await self.ledger.hold(
+            job_id, allowance.deposit_tokens, allowance.floor, want, now_ms()
+        )
+        if hold_id is None or tokens <= 0:
+            raise self._held_in_flight(job_id)
+        body, limit, lowered = cap_max_tokens(
+            body, tokens, default=self.default_max_tokens, fields=fields
+        )
+        ledger = self.ledger
+        hold = Hold(None, job_id, tokens, on_release=lambda: ledger.release_hold(hold_id))
+        return Admission(body, limit if lowered else None, hold)
+
+    def _held_in_flight(self, job_id: int) -> JobRefused:
+        return self.refused(
+            JobRefused(
+                f"job {job_id}'s deposit is held by requests in flight; retry when they end",
+                code="budget_spent",
+            )
+        )
 
     def start(
         self, endpoint: Endpoint, job_id: int | None, model: str | None, admission: Admission

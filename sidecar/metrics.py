@@ -62,6 +62,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.submitter = Gauge(
+            "sidecar_submitter",
+            "1 while this process holds the submitter lease (sends the host's transactions).",
+            registry=r,
+        )
         self.streams_in_flight = Gauge(
             "sidecar_streams_in_flight", "Streamed responses being relayed now.", registry=r
         )

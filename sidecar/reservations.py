@@ -5,7 +5,9 @@ Admission asks the chain how many tokens the job's deposit still covers (``left`
 tokens minus what the ledger has metered), takes away what the requests in flight already hold,
 and grants a new request at most the rest, lowering its ``max_tokens`` to the grant. The grant is
 released once the request's record is committed: its tokens are then in the ledger, and ``left``
-counts them. Pure and single-threaded (the event loop's): no I/O, no lock.
+counts them. Pure and single-threaded (the event loop's): no I/O, no lock. With a ledger that
+several replicas share, the holds live in the ledger instead (``Ledger.hold``), so each replica
+sees the others'; a :class:`Hold` then drops its row when released.
 
 The count is conservative while a stream runs: its progress records are already metered while its
 whole grant is still held. Under ``--bill total`` the grant bounds generated tokens only (prompt
@@ -14,6 +16,7 @@ tokens are billed but not held).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -56,12 +59,16 @@ class Hold:
     job_id: int | None
     tokens: int
     released: bool = False
+    # A hold kept in a shared ledger (several replicas): how to drop it there.
+    on_release: Callable[[], None] | None = None
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             if self.reservations is not None and self.job_id is not None and self.tokens:
                 self.reservations.release(self.job_id, self.tokens)
+            if self.on_release is not None:
+                self.on_release()
 
 
 NO_HOLD = Hold(None, None, 0, released=True)

@@ -73,3 +73,12 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     with Devnet.start(log_dir=tmp_path_factory.mktemp("anvil")) as chain:
         yield chain
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real PostgreSQL 15 server for the session (a database per test: ``new_database``)."""
+    from tests.support.postgres import PostgresServer
+
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server

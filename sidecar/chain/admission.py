@@ -40,6 +40,16 @@ class KnownJob:
     settled: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """What a job's deposit pays for: ``deposit_tokens`` in all, of which the chain already
+    counts ``floor`` as used. What is left once ``metered`` tokens are counted is
+    ``deposit_tokens - max(metered, floor)``."""
+
+    deposit_tokens: int
+    floor: int
+
+
 class JobAdmission:
     def __init__(self, chain: ConnectedChain, ledger: Ledger) -> None:
         self._chain = chain
@@ -103,6 +113,14 @@ class JobAdmission:
         ledger metered and what the chain counts as used."""
         budget = self._chain.market.budget_tokens(view)
         return view.tokens_used + budget - max(metered, view.tokens_used)
+
+    def allowance(self, job_id: int) -> Allowance | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        view = job.view
+        deposit_tokens = view.tokens_used + self._chain.market.budget_tokens(view)
+        return Allowance(deposit_tokens, view.tokens_used)
 
     def tokens_left(self, job_id: int, metered: int) -> int | None:
         """What the deposit still covers once ``metered`` tokens are counted, from the cached

@@ -11,13 +11,15 @@ serving known jobs; claims wait in the outbox and go out when it returns.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from eth_account import Account
 from web3 import AsyncWeb3
 
-from sidecar.chain.admission import JobAdmission
+from sidecar.chain.admission import Allowance, JobAdmission
 from sidecar.chain.marketplace import OnChainJob
 from sidecar.chain.rpc import (
     ConnectedChain,
@@ -30,7 +32,9 @@ from sidecar.chain.sender import ChainSender, describe
 from sidecar.chain.worker import ClaimEvent, ClaimListener, ClaimWorker
 from sidecar.config import Settings
 from sidecar.ledger import Ledger
+from sidecar.ledger.lease import SubmitterLease
 from sidecar.metrics import Metrics
+from sidecar.tasks import stop_task
 
 log = logging.getLogger("sidecar.chain")
 
@@ -40,6 +44,7 @@ class _Started:
     chain: ConnectedChain
     admission: JobAdmission
     worker: ClaimWorker
+    lease: SubmitterLease
 
 
 class ChainService:
@@ -49,6 +54,8 @@ class ChainService:
         self.metrics = metrics
         self._started: _Started | None = None
         self._claim_listeners: list[ClaimListener] = []
+        self._leading: asyncio.Task[None] | None = None
+        self.submitting = False  # holds the submitter lease: this process sends transactions
 
     def on_claim(self, listener: ClaimListener) -> None:
         """Call ``listener`` with every claim mined or refused (the sessions tell their
@@ -74,13 +81,51 @@ class ChainService:
             chain.dispute_window,
         )
         admission = JobAdmission(chain, self.ledger)
-        worker = ClaimWorker(
-            chain, admission, self.ledger, self.metrics, self.settings, on_claim=self._claimed
+        lease = self.ledger.submitter_lease(
+            chain.account.address, float(self.settings.submitter_takeover)
         )
-        # Started before the worker takes up the ledger's jobs, so that stop() also cleans up
-        # after a failed resume.
-        self._started = _Started(chain, admission, worker)
+        worker = ClaimWorker(
+            chain,
+            admission,
+            self.ledger,
+            self.metrics,
+            self.settings,
+            on_claim=self._claimed,
+            lease=lease,
+        )
+        self._started = _Started(chain, admission, worker, lease)
+        if await lease.try_acquire():
+            # The usual case (one sidecar): resume the outbox before serving, as always.
+            await self._become_submitter(worker)
+        self._leading = asyncio.create_task(self._lead(worker, lease), name="sidecar-submitter")
+
+    async def _become_submitter(self, worker: ClaimWorker) -> None:
+        self.metrics.submitter.set(1)
         await worker.start()
+        self.submitting = True
+        log.info("chain: this process sends the host's transactions (the submitter lease)")
+
+    async def _lead(self, worker: ClaimWorker, lease: SubmitterLease) -> None:
+        """Hold the submitter lease, or wait for it: while held the claim worker runs; when it
+        is lost (the ledger cut this process off) the worker stops, and another replica
+        resumes from the outbox."""
+        while True:
+            try:
+                if not self.submitting:
+                    await lease.acquire()
+                    await self._become_submitter(worker)
+                while await lease.still_held():  # noqa: ASYNC110 - a check over the network
+                    await asyncio.sleep(lease.poll_interval)
+                log.warning("chain: the submitter lease is lost; claims stop in this process")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("chain: the submitter failed; it steps down and tries again")
+                await asyncio.sleep(lease.poll_interval)
+            self.submitting = False
+            self.metrics.submitter.set(0)
+            await worker.stop()
+            await lease.release()
 
     async def _connect(self) -> ConnectedChain:
         settings = self.settings
@@ -113,8 +158,13 @@ class ChainService:
         started = self._started
         if started is None:
             return
+        if self._leading is not None:
+            await stop_task(self._leading)
+            self._leading = None
         started.admission.stop()
         await started.worker.stop()
+        await started.lease.release()  # a successor need not wait for a timeout
+        self.submitting = False
         await started.chain.w3.provider.disconnect()
 
     def _require_started(self) -> _Started:
@@ -132,6 +182,7 @@ class ChainService:
             "marketplace": chain.address,
             "host": chain.account.address,
             "unfinished_claims": len(await self.ledger.unfinished_claims()),
+            "submitter": self.submitting,
         }
         try:
             block, balance = await read_block_and_balance(chain.w3, chain.account.address)
@@ -159,6 +210,8 @@ class ChainService:
         :class:`~sidecar.errors.JobRefused` (404) when it is not known on-chain."""
         started = self._require_started()
         await started.admission.request_settlement(job_id)
+        # Durable, for whichever replica sends (and for after a restart).
+        await self.ledger.request_settlement(job_id, time.time_ns() // 1_000_000)
         started.worker.wake(job_id)
 
     def tokens_left(self, job_id: int, metered: int) -> int | None:
@@ -166,6 +219,11 @@ class ChainService:
         receipts); None when the job is not known yet."""
         started = self._started
         return None if started is None else started.admission.tokens_left(job_id, metered)
+
+    def allowance(self, job_id: int) -> Allowance | None:
+        """What the job's deposit pays for, from the cached view (None: not seen yet)."""
+        started = self._started
+        return None if started is None else started.admission.allowance(job_id)
 
     def view(self, job_id: int) -> OnChainJob | None:
         started = self._started

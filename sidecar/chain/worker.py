@@ -34,12 +34,17 @@ from sidecar.chain.rpc import ConnectedChain, chain_now, proof_submitted_events
 from sidecar.chain.sender import Outcome, TxResult, describe, is_transient
 from sidecar.config import Settings
 from sidecar.ledger import Claim, ClaimKind, ClaimState, Ledger, RecordState
+from sidecar.ledger.lease import SubmitterLease
 from sidecar.metrics import Metrics
 from sidecar.tasks import stop_task
 
 log = logging.getLogger("sidecar.chain")
 
 TICK = 1.0  # the worker looks at waiting jobs at least this often
+# How often the worker reads the ledger for usage other replicas recorded and settlements they
+# were asked for (one row per job: cheap), and closes the records of replicas that are gone.
+DISCOVER_EVERY = 2.0
+SWEEP_EVERY = 10.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 # Claim at the latest this long before anyone may time the session out (claims then fail).
 TIMEOUT_MARGIN = 30
@@ -88,8 +93,14 @@ class ClaimWorker:
         metrics: Metrics,
         settings: Settings,
         on_claim: ClaimListener | None = None,
+        lease: SubmitterLease | None = None,
     ) -> None:
         self._on_claim = on_claim
+        # Sends only while this is held (several replicas: one sender per host key).
+        self._lease = lease
+        self._seen_tokens: dict[int, int] = {}
+        self._next_discovery = 0.0
+        self._next_sweep = 0.0
         self._chain = chain
         self._admission = admission
         self._ledger = ledger
@@ -126,12 +137,42 @@ class ClaimWorker:
             for c in claims
             if c.kind is ClaimKind.SETTLE and c.state is ClaimState.CONFIRMED
         }
-        jobs = {t.job_id for t in await self._ledger.jobs() if t.job_id is not None}
-        jobs |= {c.job_id for c in claims}
+        self._seen_tokens = await self._ledger.billable_by_job()
+        jobs = set(self._seen_tokens) | {c.job_id for c in claims}
         for job_id in sorted(jobs - settled):
             await self._admission.known(job_id, refresh=False)
         if jobs - settled:
             log.info("chain: resuming %d job(s) from the ledger", len(jobs - settled))
+        await self._take_settlement_requests()
+
+    async def _discover(self) -> None:
+        """Take up what other processes of this ledger saw: new usage of any job (the
+        replicas that do not send), and settlements they were asked for."""
+        now = time.monotonic()
+        if now >= self._next_sweep and self._ledger.shared:
+            self._next_sweep = now + SWEEP_EVERY
+            closed = await self._ledger.close_interrupted(_now_ms())
+            if closed:
+                log.warning("chain: closed %d record(s) of replicas that are gone", closed)
+        if now < self._next_discovery:
+            return
+        self._next_discovery = now + DISCOVER_EVERY
+        for job_id, tokens in (await self._ledger.billable_by_job()).items():
+            if self._seen_tokens.get(job_id) == tokens:
+                continue
+            self._seen_tokens[job_id] = tokens
+            job = await self._admission.known(job_id, refresh=False)
+            if job is not None and job.view.exists:
+                job.last_activity = time.monotonic()
+                self.wake(job_id)
+        await self._take_settlement_requests()
+
+    async def _take_settlement_requests(self) -> None:
+        for job_id in await self._ledger.settlement_requests():
+            job = await self._admission.known(job_id, refresh=False)
+            if job is not None and job.view.exists and not job.settle_requested:
+                job.settle_requested = True
+                self.wake(job_id)
 
     # -- the rounds ------------------------------------------------------------------------
 
@@ -142,6 +183,10 @@ class ClaimWorker:
             except TimeoutError:
                 pass
             self._wake.clear()
+            try:
+                await self._discover()
+            except Exception as exc:  # the ledger is down: claims wait, serving goes on
+                log.warning("chain: cannot read the ledger's jobs: %s", describe(exc))
             now = time.monotonic()
             for job_id, job in self._admission.jobs():
                 progress = self._progress.setdefault(job_id, _Progress())
@@ -297,6 +342,12 @@ class ClaimWorker:
             data = chain.market.claim_calldata(claim.job_id, claim.tokens, proof)
         else:
             data = chain.market.settle_calldata(claim.job_id, claim.payload.decode())
+
+        if self._lease is not None and not await self._lease.still_held():
+            # Another replica may be the submitter now: it resumes this row from the outbox.
+            progress.wake_at = time.monotonic() + TICK
+            log.warning("chain: the submitter lease is lost; job %s's claim waits", claim.job_id)
+            return
 
         async def on_sent(tx_hash: str, nonce: int) -> None:
             await self._ledger.update_claim(

@@ -1,6 +1,7 @@
 """The ledger interface: one durable record per metered response, and per-job totals.
 
-Backends (SQLite here, PostgreSQL later) implement :class:`Ledger` unchanged. The proxy never
+Backends (SQLite, the embedded default; PostgreSQL, for several replicas) implement :class:`Ledger`
+unchanged. The proxy never
 blocks the event loop on the ledger: ``submit`` only enqueues and returns a future that resolves
 once the record is committed (durable). Awaiting that future before the response's last byte is
 what makes "a served token is never lost" true.
@@ -13,8 +14,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from sidecar.metering.types import Source
+
+if TYPE_CHECKING:
+    from sidecar.ledger.lease import SubmitterLease
 
 
 class LedgerClosedError(RuntimeError):
@@ -166,7 +171,14 @@ class JobTotals:
 
 
 class Ledger(ABC):
-    """A durable store of usage records."""
+    """A durable store of usage records.
+
+    ``shared`` is True for a backend that several replicas use at once (PostgreSQL): the
+    deposit's holds of requests in flight then live in the ledger too (:meth:`hold`), so every
+    replica sees them.
+    """
+
+    shared: bool = False
 
     @abstractmethod
     async def open(self) -> None:
@@ -178,11 +190,14 @@ class Ledger(ABC):
 
     @abstractmethod
     async def close_interrupted(self, now_ms: int) -> int:
-        """Mark every OPEN record ABORTED (its persisted count stands); return how many.
+        """Mark the OPEN records of processes that are gone ABORTED (their persisted counts
+        stand); return how many.
 
-        Called once at start, before serving: an OPEN record then belongs to a process that
-        died mid-stream (kill -9, power loss), and its last persisted progress is what was
-        relayed, within the progress bound.
+        Called at start, before serving, and by the submitter now and then: an OPEN record of a
+        process that died mid-stream (kill -9, power loss) holds its last persisted progress,
+        which is what was relayed, within the progress bound. The SQLite ledger has one process,
+        so every OPEN record at start is such a record; the PostgreSQL ledger closes only those
+        of replicas whose presence lock is free.
         """
 
     @abstractmethod
@@ -217,6 +232,11 @@ class Ledger(ABC):
     async def job_tokens(self, job_id: int) -> int:
         """The job's billable tokens so far (0 for a job with no record): one row's read, for
         every answer's receipt and admission."""
+
+    @abstractmethod
+    async def billable_by_job(self) -> dict[int, int]:
+        """Every job's billable tokens so far (one row per job, no sums over records): how the
+        submitter learns of usage that other replicas recorded."""
 
     @abstractmethod
     async def jobs(self) -> list[JobTotals]:
@@ -266,3 +286,32 @@ class Ledger(ABC):
     @abstractmethod
     async def binding(self, job_id: int) -> str | None:
         """The address ``job_id`` is bound to, or None."""
+
+    # -- settlement requests: any replica takes them, the submitter settles ----------------
+
+    @abstractmethod
+    async def request_settlement(self, job_id: int, now_ms: int) -> None:
+        """Durably note that the job's session is to be settled (again: a no-op)."""
+
+    @abstractmethod
+    async def settlement_requests(self) -> list[int]:
+        """Every job whose settlement was requested and is not confirmed yet, in job order."""
+
+    # -- one transaction sender per host key ---------------------------------------------
+
+    @abstractmethod
+    def submitter_lease(self, name: str, takeover_s: float) -> SubmitterLease:
+        """The lease that lets one process at a time send ``name``'s transactions (the host
+        address), for every process of this ledger; a dead holder's successor gets it within
+        about ``takeover_s``."""
+
+    # -- deposit holds across replicas (``shared`` backends only) --------------------------
+
+    async def hold(
+        self, job_id: int, deposit_tokens: int, floor: int, want: int, now_ms: int
+    ) -> tuple[int | None, int]:
+        """Hold up to ``want`` of what the deposit still covers, for every replica to see."""
+        raise NotImplementedError(f"{type(self).__name__} keeps holds in memory (not shared)")
+
+    def release_hold(self, hold_id: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} keeps holds in memory (not shared)")

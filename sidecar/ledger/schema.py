@@ -132,6 +132,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE usage_records ADD COLUMN reasoning_tokens INTEGER"
         " CHECK (reasoning_tokens IS NULL OR reasoning_tokens >= 0)",
     ),
+    # 6: settlements requested (by the node protocol's session end or the admin API), kept until
+    # the submitter settles them: a restart, or another process, does not forget one.
+    (
+        """
+        CREATE TABLE settle_requests (
+            job_id       TEXT    PRIMARY KEY CHECK (
+                length(job_id) BETWEEN 1 AND 78
+                AND job_id NOT GLOB '*[^0-9]*'
+                AND (job_id = '0' OR job_id NOT GLOB '0*')
+            ),
+            requested_ms INTEGER NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

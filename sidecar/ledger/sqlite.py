@@ -16,7 +16,6 @@ Threads, not the event loop, touch the file:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import operator
 import queue
@@ -26,60 +25,47 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from sidecar.ledger.base import (
     TERMINAL_CLAIM_STATES,
     Claim,
     ClaimConflictError,
-    ClaimKind,
     ClaimState,
     JobTotals,
     Ledger,
     LedgerClosedError,
-    RecordState,
     UsageRecord,
 )
+from sidecar.ledger.lease import FileLease, SubmitterLease
+from sidecar.ledger.rows import (
+    RECORD_COLUMNS,
+    RecordRow,
+    claim_from_row,
+    claim_row,
+    job_text,
+    optional_int,
+    record_from_row,
+    record_row,
+    same_claim,
+    totals_from_row,
+)
 from sidecar.ledger.schema import migrate
-from sidecar.metering.types import Source
 
 log = logging.getLogger(__name__)
 
 # Bounds one transaction, so one huge burst cannot hold the write lock (and delay every future of
 # the burst) for long; the rest of the burst simply goes in the next batch.
 MAX_BATCH: Final = 512
-UINT256_MAX: Final = 2**256 - 1
 DEFAULT_BUSY_TIMEOUT_MS: Final = 5_000
 
 _T = TypeVar("_T")
-# The parameters of one upsert, in the column order of _UPSERT.
-_Row = tuple[
-    str,
-    str | None,
-    str,
-    str | None,
-    int | None,
-    int,
-    int,
-    str,
-    str,
-    int,
-    int,
-    int,
-    int | None,
-    int | None,
-]
-
-_COLUMNS: Final = (
-    "key, job_id, endpoint, model, prompt_tokens, completion_tokens, billable_tokens,"
-    " source, state, status, started_ms, updated_ms, cached_tokens, reasoning_tokens"
-)
 
 # Only an open row may change: a final or aborted row is what the client was served, and a
 # replayed final record (a retry after an unknown outcome) must be a no-op. started_ms keeps the
 # first value seen: the response began when its first record was written.
 _UPSERT: Final = f"""
-INSERT INTO usage_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO usage_records ({RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET
     job_id = excluded.job_id,
     endpoint = excluded.endpoint,
@@ -124,19 +110,19 @@ ORDER BY job_id IS NULL, length(job_id), job_id
 _JOB_TOTALS: Final = _TOTALS.format(where="WHERE job_id IS ?")
 _ALL_TOTALS: Final = _TOTALS.format(where="")
 
-_CLAIM_COLUMNS: Final = (
+CLAIMRECORD_COLUMNS: Final = (
     "job_id, seq, kind, tokens, first_token, end_token, payload, state, tx_hash, nonce, error,"
     " created_ms, updated_ms"
 )
 _CLAIM_ORDER: Final = "ORDER BY length(job_id), job_id, seq"
-_CLAIMS_OF_JOB: Final = f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE job_id = ? {_CLAIM_ORDER}"
-_ALL_CLAIMS: Final = f"SELECT {_CLAIM_COLUMNS} FROM claims {_CLAIM_ORDER}"
+_CLAIMS_OF_JOB: Final = f"SELECT {CLAIMRECORD_COLUMNS} FROM claims WHERE job_id = ? {_CLAIM_ORDER}"
+_ALL_CLAIMS: Final = f"SELECT {CLAIMRECORD_COLUMNS} FROM claims {_CLAIM_ORDER}"
 _UNFINISHED_CLAIMS: Final = (
-    f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE state IN ('pending', 'sent') {_CLAIM_ORDER}"
+    f"SELECT {CLAIMRECORD_COLUMNS} FROM claims WHERE state IN ('pending', 'sent') {_CLAIM_ORDER}"
 )
 
 _RECORDS: Final = f"""
-SELECT {_COLUMNS} FROM usage_records WHERE job_id IS ? ORDER BY started_ms, rowid
+SELECT {RECORD_COLUMNS} FROM usage_records WHERE job_id IS ? ORDER BY started_ms, rowid
 """
 
 # Errors that belong to one record (a constraint, a value SQLite cannot bind): a batch failing
@@ -154,123 +140,12 @@ _PER_RECORD_ERRORS: Final = (
 
 @dataclass(slots=True)
 class _Pending:
-    row: _Row | None  # None: a flush marker, resolved once everything before it is applied
+    row: RecordRow | None  # None: a flush marker, resolved once everything before it is applied
     future: asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
 
 
-def _job_text(job_id: int | None) -> str | None:
-    if job_id is None:
-        return None
-    value = operator.index(job_id)
-    if not 0 <= value <= UINT256_MAX:
-        raise ValueError(f"job id {job_id} is not a uint256")
-    return str(value)
-
-
-def _optional_int(value: int | None) -> int | None:
-    return None if value is None else operator.index(value)
-
-
-def _to_row(record: UsageRecord) -> _Row:
-    """The upsert parameters of a record; TypeError/ValueError for a malformed one."""
-    # operator.index rejects floats: token counts are money and stay ints end to end.
-    return (
-        str(record.key),
-        _job_text(record.job_id),
-        str(record.endpoint),
-        None if record.model is None else str(record.model),
-        _optional_int(record.prompt_tokens),
-        operator.index(record.completion_tokens),
-        operator.index(record.billable_tokens),
-        Source(record.source).value,
-        RecordState(record.state).value,
-        operator.index(record.status),
-        operator.index(record.started_ms),
-        operator.index(record.updated_ms),
-        _optional_int(record.cached_tokens),
-        _optional_int(record.reasoning_tokens),
-    )
-
-
-def _from_row(row: Sequence[Any]) -> UsageRecord:
-    key, job_id, endpoint, model, prompt, completion, billable, source, state, status = row[:10]
-    t0, t1, cached, reasoning = row[10:]
-    return UsageRecord(
-        key=key,
-        job_id=None if job_id is None else int(job_id),
-        endpoint=endpoint,
-        model=model,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        billable_tokens=billable,
-        source=Source(source),
-        state=RecordState(state),
-        status=status,
-        started_ms=t0,
-        updated_ms=t1,
-        cached_tokens=cached,
-        reasoning_tokens=reasoning,
-    )
-
-
-def _claim_from_row(row: Sequence[Any]) -> Claim:
-    job_id, seq, kind, tokens, first, end, payload, state, tx_hash, nonce, error, t0, t1 = row
-    return Claim(
-        job_id=int(job_id),
-        seq=seq,
-        kind=ClaimKind(kind),
-        tokens=tokens,
-        first_token=first,
-        end_token=end,
-        payload=bytes(payload),
-        state=ClaimState(state),
-        tx_hash=tx_hash,
-        nonce=nonce,
-        error=error,
-        created_ms=t0,
-        updated_ms=t1,
-    )
-
-
-def _claim_row(claim: Claim) -> tuple[Any, ...]:
-    return (
-        _job_text(claim.job_id),
-        operator.index(claim.seq),
-        ClaimKind(claim.kind).value,
-        operator.index(claim.tokens),
-        operator.index(claim.first_token),
-        operator.index(claim.end_token),
-        bytes(claim.payload),
-        ClaimState(claim.state).value,
-        claim.tx_hash,
-        _optional_int(claim.nonce),
-        claim.error,
-        operator.index(claim.created_ms),
-        operator.index(claim.updated_ms),
-    )
-
-
-def _totals_from_row(row: Sequence[Any]) -> JobTotals:
-    job_id, requests, open_n, prompt, completion, billable, by_source, first, last = row[:9]
-    cached, reasoning = row[9:]
-    sources: dict[str, int] = json.loads(by_source)
-    return JobTotals(
-        job_id=None if job_id is None else int(job_id),
-        requests=requests,
-        open_requests=open_n,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        billable_tokens=billable,
-        billable_by_source={name: sources[name] for name in sorted(sources)},
-        first_ms=first,
-        last_ms=last,
-        cached_tokens=cached or 0,
-        reasoning_tokens=reasoning or 0,
-    )
-
-
-def _apply(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+def _apply(conn: sqlite3.Connection, rows: Sequence[RecordRow]) -> None:
     """Upsert ``rows`` in order in one transaction and commit (the one fsync of the batch)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -287,7 +162,7 @@ def _apply(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
         raise
 
 
-def _commit(conn: sqlite3.Connection, rows: Sequence[_Row]) -> list[BaseException | None]:
+def _commit(conn: sqlite3.Connection, rows: Sequence[RecordRow]) -> list[BaseException | None]:
     """Commit a batch; the outcome of each row (None: durable)."""
     try:
         _apply(conn, rows)
@@ -463,7 +338,7 @@ class SQLiteLedger(Ledger):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         try:
-            row = _to_row(record)
+            row = record_row(record)
         except (TypeError, ValueError) as exc:
             # Same channel as a database error: awaiting the future tells the caller.
             future.set_exception(exc)
@@ -474,7 +349,7 @@ class SQLiteLedger(Ledger):
     def write_blocking(self, record: UsageRecord) -> None:
         if self._closed or self._writer is None:
             raise LedgerClosedError(f"{self!r} is not open: record {record.key!r} not written")
-        row = _to_row(record)  # checked before the lock
+        row = record_row(record)  # checked before the lock
         with self._blocking_lock:
             if self._blocking_conn is None:  # its own: SQLite's write lock orders it with the
                 # writer thread's, and a late progress row never overwrites a final one
@@ -490,43 +365,49 @@ class SQLiteLedger(Ledger):
         await future
 
     async def job(self, job_id: int | None) -> JobTotals | None:
-        job_text = _job_text(job_id)
-        rows = await self._read(lambda conn: conn.execute(_JOB_TOTALS, (job_text,)).fetchall())
-        return _totals_from_row(rows[0]) if rows else None
+        job_key = job_text(job_id)
+        rows = await self._read(lambda conn: conn.execute(_JOB_TOTALS, (job_key,)).fetchall())
+        return totals_from_row(rows[0]) if rows else None
 
     async def job_tokens(self, job_id: int) -> int:
-        job_text = _job_text(job_id)
+        job_key = job_text(job_id)
         row = await self._read(
             lambda conn: conn.execute(
-                "SELECT billable_tokens FROM job_totals WHERE job_id = ?", (job_text,)
+                "SELECT billable_tokens FROM job_totals WHERE job_id = ?", (job_key,)
             ).fetchone()
         )
         return 0 if row is None else int(row[0])
 
+    async def billable_by_job(self) -> dict[int, int]:
+        rows = await self._read(
+            lambda conn: conn.execute("SELECT job_id, billable_tokens FROM job_totals").fetchall()
+        )
+        return {int(job): int(tokens) for job, tokens in rows}
+
     async def jobs(self) -> list[JobTotals]:
         rows = await self._read(lambda conn: conn.execute(_ALL_TOTALS).fetchall())
-        return [_totals_from_row(row) for row in rows]
+        return [totals_from_row(row) for row in rows]
 
     async def records(self, job_id: int | None) -> list[UsageRecord]:
-        job_text = _job_text(job_id)
-        rows = await self._read(lambda conn: conn.execute(_RECORDS, (job_text,)).fetchall())
-        return [_from_row(row) for row in rows]
+        job_key = job_text(job_id)
+        rows = await self._read(lambda conn: conn.execute(_RECORDS, (job_key,)).fetchall())
+        return [record_from_row(row) for row in rows]
 
     # -- the on-chain outbox ---------------------------------------------------------------
 
     async def add_claim(self, claim: Claim) -> None:
-        row = _claim_row(claim)
+        row = claim_row(claim)
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 existing = conn.execute(
-                    f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE job_id = ? AND seq = ?",
+                    f"SELECT {CLAIMRECORD_COLUMNS} FROM claims WHERE job_id = ? AND seq = ?",
                     (row[0], row[1]),
                 ).fetchone()
                 if existing is None:
                     conn.execute(
-                        f"INSERT INTO claims ({_CLAIM_COLUMNS}) VALUES "
+                        f"INSERT INTO claims ({CLAIMRECORD_COLUMNS}) VALUES "
                         "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
@@ -536,21 +417,9 @@ class SQLiteLedger(Ledger):
                     conn.execute("ROLLBACK")
                 raise
             if existing is not None:
-                stored = _claim_from_row(existing)
+                stored = claim_from_row(existing)
                 # The same claim added again (a retry) is fine; anything else is a bug upstream.
-                same = (
-                    stored.kind,
-                    stored.tokens,
-                    stored.first_token,
-                    stored.end_token,
-                    stored.payload,
-                ) == (
-                    claim.kind,
-                    claim.tokens,
-                    claim.first_token,
-                    claim.end_token,
-                    bytes(claim.payload),
-                )
+                same = same_claim(stored, claim)
                 if not same:
                     raise ClaimConflictError(
                         f"job {claim.job_id} already has a different claim #{claim.seq}"
@@ -572,10 +441,10 @@ class SQLiteLedger(Ledger):
         params = (
             ClaimState(state).value,
             tx_hash,
-            _optional_int(nonce),
+            optional_int(nonce),
             error,
             operator.index(now_ms),
-            _job_text(job_id),
+            job_text(job_id),
             operator.index(seq),
             *sorted(s.value for s in TERMINAL_CLAIM_STATES),
         )
@@ -595,20 +464,20 @@ class SQLiteLedger(Ledger):
         if job_id is None:
             rows = await self._read(lambda conn: conn.execute(_ALL_CLAIMS).fetchall())
         else:
-            job_text = _job_text(job_id)
+            job_key = job_text(job_id)
             rows = await self._read(
-                lambda conn: conn.execute(_CLAIMS_OF_JOB, (job_text,)).fetchall()
+                lambda conn: conn.execute(_CLAIMS_OF_JOB, (job_key,)).fetchall()
             )
-        return [_claim_from_row(row) for row in rows]
+        return [claim_from_row(row) for row in rows]
 
     async def unfinished_claims(self) -> list[Claim]:
         rows = await self._read(lambda conn: conn.execute(_UNFINISHED_CLAIMS).fetchall())
-        return [_claim_from_row(row) for row in rows]
+        return [claim_from_row(row) for row in rows]
 
     # -- job bindings ----------------------------------------------------------------------
 
     async def bind_job(self, job_id: int, address: str, proof: str, now_ms: int) -> str:
-        params = (_job_text(job_id), address.lower(), proof, operator.index(now_ms))
+        params = (job_text(job_id), address.lower(), proof, operator.index(now_ms))
         bound: list[str] = []
 
         def bind(conn: sqlite3.Connection) -> None:
@@ -627,10 +496,39 @@ class SQLiteLedger(Ledger):
         return bound[0]
 
     async def binding(self, job_id: int) -> str | None:
-        params = (_job_text(job_id),)
+        params = (job_text(job_id),)
         query = "SELECT address FROM job_bindings WHERE job_id = ?"
         row = await self._read(lambda conn: conn.execute(query, params).fetchone())
         return None if row is None else str(row[0])
+
+    async def request_settlement(self, job_id: int, now_ms: int) -> None:
+        params = (job_text(job_id), operator.index(now_ms))
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    "INSERT INTO settle_requests (job_id, requested_ms) VALUES (?, ?)"
+                    " ON CONFLICT (job_id) DO NOTHING",
+                    params,
+                )
+
+        await self._write_claims(insert)
+
+    async def settlement_requests(self) -> list[int]:
+        """Every job whose settlement was requested and is not confirmed yet, in job order."""
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT job_id FROM settle_requests AS r WHERE NOT EXISTS (SELECT 1 FROM"
+                " claims AS c WHERE c.job_id = r.job_id AND c.kind = 'settle'"
+                " AND c.state = 'confirmed') ORDER BY length(job_id), job_id"
+            ).fetchall()
+        )
+        return [int(row[0]) for row in rows]
+
+    def submitter_lease(self, name: str, takeover_s: float) -> SubmitterLease:
+        # A lock file beside the database: the processes sharing a SQLite file share a machine.
+        lock = self.path.with_name(f"{self.path.name}.submitter-{name.lower()}.lock")
+        return FileLease(lock, name, poll_interval=max(0.2, takeover_s / 5))
 
     async def _write_claims(self, op: Callable[[sqlite3.Connection], None]) -> None:
         executor, conn = self._claims, self._claims_conn

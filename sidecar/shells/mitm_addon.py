@@ -111,7 +111,7 @@ class SidecarAddon:
         flags = {"config": ctx.options.sidecar_config} if ctx.options.sidecar_config else {}
         settings = load_settings(flags)
         self.settings = settings
-        ledger = open_ledger(settings.ledger_url)
+        ledger = open_ledger(settings.ledger_url, password=settings.read_ledger_password())
         await ledger.open()
         metrics = Metrics()
         engine = EngineClient(settings.upstream, metrics)

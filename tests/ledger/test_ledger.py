@@ -1,4 +1,5 @@
-"""The SQLite ledger against a real SQLite file: upsert semantics, totals, job ids, schema
+"""The ledger on every backend (tests taking ``ledger``: SQLite and PostgreSQL), and the SQLite
+file's own properties (tests taking ``db_path``): upsert semantics, totals, job ids, schema
 migrations, concurrent readers, failures and lifecycle."""
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
-from sidecar.ledger import JobTotals, RecordState, UsageRecord, open_ledger
+from sidecar.ledger import JobTotals, Ledger, RecordState, UsageRecord, open_ledger
 from sidecar.ledger.base import LedgerClosedError
 from sidecar.ledger.schema import MIGRATIONS, SCHEMA_VERSION, SchemaError, migrate
 from sidecar.ledger.sqlite import SQLiteLedger, _open_writer
 from sidecar.metering.types import Endpoint, Source
+from tests.ledger.conftest import LedgerStore
 
 OPEN, FINAL, ABORTED = RecordState.OPEN, RecordState.FINAL, RecordState.ABORTED
 UINT256_MAX = 2**256 - 1
@@ -58,7 +62,7 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def ledger(db_path: Path) -> AsyncIterator[SQLiteLedger]:
+async def sqlite_ledger(db_path: Path) -> AsyncIterator[SQLiteLedger]:
     ledger = SQLiteLedger(db_path)
     await ledger.open()
     yield ledger
@@ -70,7 +74,7 @@ def raw(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None, timeout=30)
 
 
-async def stored(ledger: SQLiteLedger, key: str, job_id: int | None = 1) -> UsageRecord:
+async def stored(ledger: Ledger, key: str, job_id: int | None = 1) -> UsageRecord:
     matches = [r for r in await ledger.records(job_id) if r.key == key]
     assert len(matches) == 1, matches
     return matches[0]
@@ -80,7 +84,7 @@ async def stored(ledger: SQLiteLedger, key: str, job_id: int | None = 1) -> Usag
 
 
 async def test_open_creates_folder_wal_and_current_schema(
-    ledger: SQLiteLedger, db_path: Path
+    sqlite_ledger: SQLiteLedger, db_path: Path
 ) -> None:
     assert await asyncio.to_thread(db_path.is_file)
     conn = raw(db_path)
@@ -161,7 +165,7 @@ async def test_file_from_a_newer_sidecar_is_refused(tmp_path: Path) -> None:
 
 
 async def test_progress_updates_an_open_record_then_final_freezes_it(
-    ledger: SQLiteLedger,
+    ledger: Ledger,
 ) -> None:
     await ledger.write(rec("r", state=OPEN, completion=1, started_ms=100, updated_ms=100))
     await ledger.write(rec("r", state=OPEN, completion=7, started_ms=100, updated_ms=150))
@@ -181,7 +185,7 @@ async def test_progress_updates_an_open_record_then_final_freezes_it(
     assert await stored(ledger, "r") == final
 
 
-async def test_replayed_final_record_is_a_no_op(ledger: SQLiteLedger) -> None:
+async def test_replayed_final_record_is_a_no_op(ledger: Ledger) -> None:
     final = rec("r", state=FINAL, completion=3)
     for _ in range(3):
         await ledger.write(final)
@@ -190,21 +194,21 @@ async def test_replayed_final_record_is_a_no_op(ledger: SQLiteLedger) -> None:
     assert totals is not None and totals.requests == 1 and totals.completion_tokens == 3
 
 
-async def test_aborted_record_is_immutable(ledger: SQLiteLedger) -> None:
+async def test_aborted_record_is_immutable(ledger: Ledger) -> None:
     aborted = rec("r", state=ABORTED, completion=4, status=200)
     await ledger.write(aborted)
     await ledger.write(rec("r", state=FINAL, completion=100))
     assert await stored(ledger, "r") == aborted
 
 
-async def test_started_ms_is_kept_from_the_first_record(ledger: SQLiteLedger) -> None:
+async def test_started_ms_is_kept_from_the_first_record(ledger: Ledger) -> None:
     await ledger.write(rec("r", started_ms=100))
     await ledger.write(rec("r", state=FINAL, started_ms=999, updated_ms=1_000))
     row = await stored(ledger, "r")
     assert (row.started_ms, row.updated_ms, row.state) == (100, 1_000, FINAL)
 
 
-async def test_many_submits_of_one_key_apply_in_submit_order(ledger: SQLiteLedger) -> None:
+async def test_many_submits_of_one_key_apply_in_submit_order(ledger: Ledger) -> None:
     # Submitted back to back without awaiting, so they share batches: order must still hold.
     futures = [ledger.submit(rec("r", completion=n, updated_ms=n)) for n in range(1, 301)]
     futures.append(ledger.submit(rec("r", state=FINAL, completion=301, updated_ms=301)))
@@ -218,7 +222,7 @@ async def test_many_submits_of_one_key_apply_in_submit_order(ledger: SQLiteLedge
     assert (await stored(ledger, "s")).completion_tokens == 1_499
 
 
-async def test_not_awaiting_and_cancelling_the_awaiter_still_writes(ledger: SQLiteLedger) -> None:
+async def test_not_awaiting_and_cancelling_the_awaiter_still_writes(ledger: Ledger) -> None:
     ledger.submit(rec("fire-and-forget", state=FINAL))
 
     task = asyncio.create_task(ledger.write(rec("cancelled", state=FINAL)))
@@ -233,7 +237,7 @@ async def test_not_awaiting_and_cancelling_the_awaiter_still_writes(ledger: SQLi
 # --- totals and job ids ---------------------------------------------------------------------
 
 
-async def test_totals_sum_in_sql_and_group_billable_by_source(ledger: SQLiteLedger) -> None:
+async def test_totals_sum_in_sql_and_group_billable_by_source(ledger: Ledger) -> None:
     table = [  # key, state, prompt, completion, billable, source, started_ms, updated_ms
         ("a", FINAL, 10, 20, 30, Source.REPORTED, 1_000, 1_500),
         ("b", FINAL, None, 7, 7, Source.COUNTED, 2_000, 2_100),
@@ -277,14 +281,14 @@ async def test_totals_sum_in_sql_and_group_billable_by_source(ledger: SQLiteLedg
     assert totals.as_json()["job_id"] == "5"
 
 
-async def test_unknown_job_has_no_totals(ledger: SQLiteLedger) -> None:
+async def test_unknown_job_has_no_totals(ledger: Ledger) -> None:
     assert await ledger.job(123) is None
     assert await ledger.job(None) is None
     assert await ledger.jobs() == []
     assert await ledger.records(123) == []
 
 
-async def test_unattributed_records_are_their_own_job_listed_last(ledger: SQLiteLedger) -> None:
+async def test_unattributed_records_are_their_own_job_listed_last(ledger: Ledger) -> None:
     await ledger.write(rec("u1", None, state=FINAL, completion=2))
     await ledger.write(rec("u2", None, state=FINAL, completion=3))
     await ledger.write(rec("j", 0, state=FINAL, completion=1))
@@ -297,9 +301,7 @@ async def test_unattributed_records_are_their_own_job_listed_last(ledger: SQLite
     assert [r.key for r in await ledger.records(0)] == ["j"]
 
 
-async def test_uint256_job_ids_round_trip_as_text_and_sort_numerically(
-    ledger: SQLiteLedger, db_path: Path
-) -> None:
+async def test_uint256_job_ids_round_trip_and_sort_numerically(ledger: Ledger) -> None:
     ids: list[int | None] = [UINT256_MAX, None, 10, 9, 2**64, 2**63, 2**63 - 1, 0, 100, 11]
     await asyncio.gather(*(ledger.submit(rec(f"k{i}", job)) for i, job in enumerate(ids)))
     numeric = sorted(j for j in ids if j is not None)
@@ -307,6 +309,10 @@ async def test_uint256_job_ids_round_trip_as_text_and_sort_numerically(
     biggest = await ledger.job(UINT256_MAX)
     assert biggest is not None and biggest.as_json()["job_id"] == str(UINT256_MAX)
     assert (await ledger.records(UINT256_MAX))[0].job_id == UINT256_MAX
+
+
+async def test_sqlite_stores_job_ids_as_text(sqlite_ledger: SQLiteLedger, db_path: Path) -> None:
+    await asyncio.gather(*(sqlite_ledger.submit(rec(f"k{j}", j)) for j in (UINT256_MAX, None)))
     conn = raw(db_path)
     types = {r[0] for r in conn.execute("SELECT DISTINCT typeof(job_id) FROM usage_records")}
     assert types == {"text", "null"}  # never an INTEGER that could overflow
@@ -314,7 +320,7 @@ async def test_uint256_job_ids_round_trip_as_text_and_sort_numerically(
 
 
 @pytest.mark.parametrize("job_id", [-1, 2**256])
-async def test_job_ids_outside_uint256_are_refused(ledger: SQLiteLedger, job_id: int) -> None:
+async def test_job_ids_outside_uint256_are_refused(ledger: Ledger, job_id: int) -> None:
     with pytest.raises(ValueError, match="uint256"):
         await ledger.submit(rec("bad", job_id))
     with pytest.raises(ValueError, match="uint256"):
@@ -322,7 +328,7 @@ async def test_job_ids_outside_uint256_are_refused(ledger: SQLiteLedger, job_id:
     assert await ledger.jobs() == []
 
 
-async def test_non_integer_token_counts_are_refused(ledger: SQLiteLedger) -> None:
+async def test_non_integer_token_counts_are_refused(ledger: Ledger) -> None:
     bad = dataclasses.replace(rec("float"), completion_tokens=1.5)
     with pytest.raises(TypeError):
         await ledger.submit(bad)
@@ -333,15 +339,15 @@ async def test_non_integer_token_counts_are_refused(ledger: SQLiteLedger) -> Non
 
 
 async def test_another_connection_reads_while_the_ledger_writes(
-    ledger: SQLiteLedger, db_path: Path
+    sqlite_ledger: SQLiteLedger, db_path: Path
 ) -> None:
-    await ledger.write(rec("before", state=FINAL))
+    await sqlite_ledger.write(rec("before", state=FINAL))
     reader = raw(db_path)
     # An open read transaction (as a slow `sidecar jobs` would hold) pins its snapshot...
     reader.execute("BEGIN")
     assert reader.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0] == 1
     # ...and does not stop the ledger from committing (WAL: readers never block the writer).
-    await asyncio.gather(*(ledger.submit(rec(f"w{i}", state=FINAL)) for i in range(200)))
+    await asyncio.gather(*(sqlite_ledger.submit(rec(f"w{i}", state=FINAL)) for i in range(200)))
     assert reader.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0] == 1
     reader.execute("COMMIT")
     assert reader.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0] == 201
@@ -349,7 +355,7 @@ async def test_another_connection_reads_while_the_ledger_writes(
 
 
 async def test_a_reader_thread_polls_throughout_a_write_burst(
-    ledger: SQLiteLedger, db_path: Path
+    sqlite_ledger: SQLiteLedger, db_path: Path
 ) -> None:
     stop = threading.Event()
     counts: list[int] = []
@@ -364,12 +370,12 @@ async def test_a_reader_thread_polls_throughout_a_write_burst(
 
     poller = asyncio.create_task(asyncio.to_thread(poll))
     for wave in range(5):
-        await asyncio.gather(*(ledger.submit(rec(f"{wave}-{i}", 2)) for i in range(100)))
+        await asyncio.gather(*(sqlite_ledger.submit(rec(f"{wave}-{i}", 2)) for i in range(100)))
     stop.set()
     await poller  # no "database is locked" on either side
     assert counts == sorted(counts)  # commits only ever add rows, and whole batches at a time
     assert counts and counts[-1] <= 500
-    totals = await ledger.job(2)
+    totals = await sqlite_ledger.job(2)
     assert totals is not None and totals.requests == 500
 
 
@@ -407,7 +413,7 @@ async def test_a_locked_database_fails_the_batch_and_the_writer_carries_on(
     try:
         blocker = raw(path)
         blocker.execute("BEGIN IMMEDIATE")
-        with caplog.at_level(logging.ERROR, logger="sidecar.ledger.sqlite"):
+        with caplog.at_level(logging.ERROR, logger=type(ledger).__module__):
             futures = [ledger.submit(rec(f"k{i}", state=FINAL)) for i in range(3)]
             results = await asyncio.gather(*futures, return_exceptions=True)
         assert all(isinstance(r, sqlite3.OperationalError) for r in results), results
@@ -422,9 +428,9 @@ async def test_a_locked_database_fails_the_batch_and_the_writer_carries_on(
 
 
 async def test_a_failing_record_fails_alone_not_its_batch(
-    ledger: SQLiteLedger, caplog: pytest.LogCaptureFixture
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="sidecar.ledger.sqlite"):
+    with caplog.at_level(logging.ERROR, logger=type(ledger).__module__):
         futures = [
             ledger.submit(rec("good-1", state=FINAL)),
             ledger.submit(rec("negative", state=FINAL, completion=-1)),  # CHECK constraint
@@ -434,8 +440,9 @@ async def test_a_failing_record_fails_alone_not_its_batch(
         ]
         results = await asyncio.gather(*futures, return_exceptions=True)
     assert results[0] is None and results[2] is None and results[4] is None
-    assert isinstance(results[1], sqlite3.IntegrityError)
-    assert isinstance(results[3], OverflowError)
+    # The database's own refusals: a CHECK constraint, then a value beyond its 64-bit integers.
+    assert isinstance(results[1], sqlite3.IntegrityError | psycopg.errors.IntegrityError)
+    assert isinstance(results[3], OverflowError | psycopg.errors.DataError)
     assert "not committed" in caplog.text
     assert [r.key for r in await ledger.records(1)] == ["good-1", "good-2", "good-3"]
     await ledger.write(rec("after", state=FINAL))
@@ -483,9 +490,15 @@ async def test_close_without_open_is_harmless(db_path: Path) -> None:
     assert not await asyncio.to_thread(db_path.exists)
 
 
-async def test_close_interrupted_aborts_only_open_records(ledger: SQLiteLedger) -> None:
-    await ledger.write(rec("cut", state=OPEN, completion=64, started_ms=100))
-    await ledger.write(rec("done", state=FINAL, completion=9, started_ms=200))
+async def test_close_interrupted_aborts_only_open_records(
+    ledger: Ledger, ledger_store: LedgerStore
+) -> None:
+    """The OPEN records of a process that is gone are closed with their persisted counts."""
+    gone = ledger_store()
+    await gone.open()
+    await gone.write(rec("cut", state=OPEN, completion=64, started_ms=100))
+    await gone.write(rec("done", state=FINAL, completion=9, started_ms=200))
+    await gone.close()
     assert await ledger.close_interrupted(now_ms=5_000) == 1
     cut = await stored(ledger, "cut")
     assert (cut.state, cut.completion_tokens, cut.updated_ms) == (ABORTED, 64, 5_000)
@@ -495,7 +508,35 @@ async def test_close_interrupted_aborts_only_open_records(ledger: SQLiteLedger) 
     assert totals is not None and totals.open_requests == 0
 
 
-async def test_flush_waits_for_records_submitted_without_waiting(ledger: SQLiteLedger) -> None:
+async def test_a_running_replicas_open_records_are_never_closed(postgres: Any) -> None:
+    """PostgreSQL: replicas share the ledger, so one's sweep must leave a live one's streams
+    alone however long they run, and close them once that replica's presence lock is free."""
+    from sidecar.ledger.postgres import PostgresLedger
+
+    url = postgres.new_database()
+    live, other = PostgresLedger(url), PostgresLedger(url)
+    await live.open()
+    await other.open()
+    try:
+        await live.write(rec("slow-stream", state=OPEN, completion=5))
+        assert await other.close_interrupted(now_ms=9_000) == 0
+        assert (await stored(other, "slow-stream")).state is OPEN
+        # The server drops the dead replica's locks with its connections (as after kill -9).
+        assert postgres.kill_connections(url) >= 8
+        await asyncio.sleep(0.2)
+        reopened = PostgresLedger(url)
+        await reopened.open()
+        try:
+            assert await reopened.close_interrupted(now_ms=9_500) == 1
+            assert (await stored(reopened, "slow-stream")).state is ABORTED
+        finally:
+            await reopened.close()
+    finally:
+        await live.close()
+        await other.close()
+
+
+async def test_flush_waits_for_records_submitted_without_waiting(ledger: Ledger) -> None:
     for n in range(50):
         ledger.submit(rec(f"k{n}", state=FINAL, completion=1))  # nobody awaits these
     await ledger.flush()
@@ -503,7 +544,7 @@ async def test_flush_waits_for_records_submitted_without_waiting(ledger: SQLiteL
     assert len(await ledger.records(1)) == 50
 
 
-async def test_job_tokens_follow_every_write_as_the_aggregate_does(ledger: SQLiteLedger) -> None:
+async def test_job_tokens_follow_every_write_as_the_aggregate_does(ledger: Ledger) -> None:
     """The per-job totals the receipts read (kept by triggers) equal the sum over records,
     through progress updates, a final record, refused downgrades and unattributed records."""
     big = UINT256_MAX

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from sidecar.ledger import Claim, ClaimConflictError, ClaimKind, ClaimState
@@ -30,14 +30,6 @@ def claim(job: int = 7, seq: int = 1, tokens: int = 100, first: int = 0, **kw) -
         updated_ms=1,
         **kw,
     )
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[SQLiteLedger]:
-    ledger = SQLiteLedger(tmp_path / "ledger.db")
-    await ledger.open()
-    yield ledger
-    await ledger.close()
 
 
 async def test_claims_move_forward_and_terminal_rows_never_change(ledger) -> None:
@@ -99,7 +91,7 @@ async def test_remainders_and_settlements_are_rows_too(ledger) -> None:
 
 
 async def test_bad_claims_are_refused_by_the_schema(ledger) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.IntegrityError)):
         await ledger.add_claim(replace(claim(), end_token=5))  # range disagrees with tokens
     with pytest.raises(TypeError):
         await ledger.add_claim(replace(claim(), tokens=1.5))  # type: ignore[arg-type]
