@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from sidecar.auth import SessionAuth, TokenScope
-from sidecar.config import Settings
+from sidecar.config import Settings, redact_password
 from sidecar.engine import EngineClient
 from sidecar.engine_detect import EngineIdentity
 from sidecar.engine_facts import EngineFacts
@@ -43,7 +43,7 @@ LEDGER_KEY = web.AppKey("ledger", Ledger)
 EXCHANGE_KEY = web.AppKey("exchange", Exchange)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 
-SHUTDOWN_GRACE_SECONDS = 30.0
+ADMIN_KEY = web.AppKey("admin", Admin)
 _WHO_IS_SERVED = {
     "none": "whoever names them (--session-auth none)",
     "bound": "their first authenticated client (--session-auth bound)",
@@ -101,6 +101,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
     app[LEDGER_KEY] = ledger
     app[EXCHANGE_KEY] = exchange
     app[METRICS_KEY] = metrics
+    app[ADMIN_KEY] = admin
     app.add_routes(admin.routes())
     # The host node's own API (/v1/inference, /v1/ws, ...): before the proxy's catch-all.
     app.add_routes(node_http.routes())
@@ -155,11 +156,14 @@ def session_auth(
     return SessionAuth(mode, ledger, scope, depositor_of)
 
 
-def make_runner(app: web.Application) -> web.AppRunner:
+def make_runner(app: web.Application, shutdown_grace: float = 30.0) -> web.AppRunner:
     # handler_cancellation: a client that leaves cancels its handler, which closes the engine
-    # request so the engine stops generating tokens nobody will read.
+    # request so the engine stops generating tokens nobody will read. shutdown_timeout: on stop,
+    # responses in flight may run this long; then their handlers are cancelled, and a cancelled
+    # stream still records what it relayed (its final record is submitted on the way out, and
+    # the ledger's close commits it).
     return web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_grace
     )
 
 
@@ -167,7 +171,7 @@ async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then stop gracefully."""
     tune_for_relaying()  # before the first socket read: see sidecar/malloc.py
     app = build_app(settings)
-    runner = make_runner(app)
+    runner = make_runner(app, float(settings.shutdown_grace))
     await runner.setup()
     host, port = settings.listen_host_port
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -179,7 +183,7 @@ async def serve(settings: Settings) -> None:
         port,
         settings.upstream,
         settings.engine,
-        settings.ledger_url,
+        redact_password(settings.ledger_url),
         _WHO_IS_SERVED[settings.session_auth_mode],
     )
     stop = asyncio.Event()
@@ -188,7 +192,11 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        log.info("stopping: finishing in-flight responses (up to %.0f s)", SHUTDOWN_GRACE_SECONDS)
+        app[ADMIN_KEY].draining = True  # /sidecar/ready answers 503: the balancer moves on
+        log.info(
+            "stopping: no new connections; in-flight responses may finish (up to %d s)",
+            settings.shutdown_grace,
+        )
     finally:
         await runner.cleanup()
         log.info("stopped")

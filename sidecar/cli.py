@@ -18,11 +18,13 @@ from types import ModuleType
 from typing import NoReturn
 
 from sidecar import __version__
+from sidecar.backup_command import add_ledger_parser, run_ledger
 from sidecar.config import ConfigError, Settings, add_arguments, load_settings
 from sidecar.errors import ChainCheckError
 from sidecar.host_command import add_host_parser
 from sidecar.jobs_table import format_jobs_table
 from sidecar.ledger import Claim, JobTotals, claim_totals, open_ledger
+from sidecar.logs import setup_logging
 from sidecar.metering.jobs import InvalidJobId, parse_job_id
 from sidecar.token_command import add_token_parser, run_token
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_token_parser(commands)
     add_host_parser(commands)
+    add_ledger_parser(commands)
 
     commands.add_parser(
         "devnet",
@@ -140,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sidecar.host_command import run_host  # web3 only for this command
 
             return run_host(args)
+        if args.command == "ledger":
+            return run_ledger(load_settings(flags), args)
         if args.command == "jobs":
             return _jobs(load_settings(flags), args.job, as_json=args.json)
         if args.command == "demo":
@@ -173,10 +178,7 @@ def _devtools(name: str) -> ModuleType | None:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
 
 
 def _jobs(settings: Settings, job: str | None, *, as_json: bool) -> int:

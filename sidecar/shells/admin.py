@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from sidecar.metrics import Metrics
 
 if TYPE_CHECKING:  # web3 is loaded only when a chain is configured
     from sidecar.chain.service import ChainService
+
+READY_TIMEOUT = 3.0  # seconds the ledger has to answer a readiness probe
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -43,9 +46,13 @@ class Admin:
         self.metrics = metrics
         self.engine = engine
         self._token = admin_token.encode() if admin_token else None
+        self.draining = False  # set when the process is stopping: not ready for new work
 
     def routes(self) -> list[web.RouteDef]:
         return [
+            # Probes for orchestrators and balancers: open, and they reveal nothing but state.
+            web.get("/sidecar/live", self.live),
+            web.get("/sidecar/ready", self.ready),
             web.get("/sidecar/health", self._guarded(self.health)),
             web.get("/sidecar/jobs", self._guarded(self.jobs)),
             web.get("/sidecar/jobs/{job_id}", self._guarded(self.job)),
@@ -76,6 +83,29 @@ class Admin:
             return await handler(request)
 
         return guarded
+
+    async def live(self, request: web.Request) -> web.Response:
+        """The process runs and its event loop answers."""
+        return web.json_response({"status": "live"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """200 when this replica can serve: the ledger answers, the engine answers, and the
+        chain was checked at start (a sidecar that failed that check never starts serving);
+        503 with the failing part otherwise, and while stopping."""
+        checks: dict[str, object] = {}
+        try:
+            await asyncio.wait_for(self.ledger.job_tokens(0), timeout=READY_TIMEOUT)
+            checks["ledger"] = "ok"
+        except Exception as exc:  # any failure to answer: not ready
+            checks["ledger"] = f"unavailable ({type(exc).__name__})"
+        engine = await self.engine.health()
+        checks["engine"] = "ok" if engine.healthy else "unreachable"
+        if self.chain is not None:
+            checks["chain"] = "checked"
+            checks["submitter"] = self.chain.submitting
+        ready = checks["ledger"] == "ok" and engine.healthy and not self.draining
+        body = {"status": "ready" if ready else "stopping" if self.draining else "not_ready"}
+        return web.json_response({**body, "checks": checks}, status=200 if ready else 503)
 
     async def health(self, request: web.Request) -> web.Response:
         engine = await self.engine.health()
