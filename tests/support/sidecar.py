@@ -54,7 +54,8 @@ async def start_sidecar(upstream: str, ledger_path: Path, **options: Any) -> Run
 class SidecarProcess:
     """``python -m sidecar serve`` as a child process, for crash and signal tests."""
 
-    def __init__(self, upstream: str, ledger_path: Path, log_path: Path, *extra: str) -> None:
+    def __init__(self, upstream: str, ledger_path: Path | str, log_path: Path, *extra: str) -> None:
+        """``ledger_path``: a SQLite file, or a postgresql:// URL."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -66,7 +67,7 @@ class SidecarProcess:
             "--upstream",
             upstream,
             "--ledger",
-            f"sqlite:///{ledger_path}",
+            ledger_path if isinstance(ledger_path, str) else f"sqlite:///{ledger_path}",
             "--listen",
             f"127.0.0.1:{self.port}",
             *extra,
