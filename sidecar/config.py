@@ -118,6 +118,12 @@ class Settings:
     max_body_bytes: int = _opt(
         8 * 1024 * 1024, "largest request body accepted (413 above)", metavar="BYTES"
     )
+    max_event_bytes: int = _opt(
+        1024 * 1024,
+        "longest SSE line or event of an engine stream that is metered; a longer one is "
+        "relayed as is, not counted, and logged as an anomaly",
+        metavar="BYTES",
+    )
     upstream_connect_timeout: int = _opt(
         10, "seconds to wait for a connection to the engine", metavar="SECONDS"
     )
@@ -418,6 +424,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"--upstream must be an http(s) URL, got {settings.upstream!r}")
     if settings.max_body_bytes <= 0:
         raise ConfigError("--max-body-bytes must be positive")
+    if settings.max_event_bytes <= 0:
+        raise ConfigError("--max-event-bytes must be positive")
     if settings.upstream_connect_timeout <= 0:
         raise ConfigError("--upstream-connect-timeout must be positive")
     if settings.rpc_url is not None:

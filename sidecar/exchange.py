@@ -166,6 +166,7 @@ class Exchange:
         self.bill_total = settings.bill == "total"
         self.identity = identity or EngineIdentity(settings.engine)
         self.default_max_tokens = settings.default_max_tokens
+        self.max_event_bytes = settings.max_event_bytes
         self.reservations = Reservations()
         # Idempotency keys: a random 64-bit prefix per process and a counter (uuid4 would cost
         # a system call per request); unique across restarts and replicas.
@@ -449,7 +450,10 @@ class Exchange:
         # counts it at the end.
         collect = not self.identity.profile.chunk_is_token
         meter = StreamMeter(
-            call.endpoint, strip_usage_chunk=strip_usage_chunk, collect_text=collect
+            call.endpoint,
+            strip_usage_chunk=strip_usage_chunk,
+            collect_text=collect,
+            max_event_bytes=self.max_event_bytes,
         )
         stream = MeteredStream(self, call, reply, meter, with_receipt=with_receipt)
         if self.bill_total:

@@ -186,7 +186,7 @@ class MeteredStream:
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """The engine's JSON chunks (``[DONE]`` excluded); use as
         ``async with contextlib.aclosing(stream.events())``."""
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(self.meter.max_event_bytes)
         try:
             async with contextlib.aclosing(self.chunks()) as chunks:
                 async for out in chunks:

@@ -13,6 +13,12 @@ https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-inte
 - a blank line dispatches the event; a block with no ``data`` line dispatches nothing;
 - at end of input a block without its blank line is discarded (reported by :meth:`close`).
 
+One bound is the decoder's own: a block (an event with its lines, comments included) longer
+than ``max_event_bytes`` is skipped, not dispatched, and counted in ``oversized``; the decoder
+then holds at most that many bytes plus one read, however long the line or event an upstream
+sends. (A line is part of a block, so this bounds lines too.) Only reads that leave a block
+open pay for the check: one subtraction.
+
 Lines are split as bytes: LF, CR and ``:`` are ASCII and never occur inside a multi-byte UTF-8
 sequence, so a read may end anywhere (even inside a character) and only whole lines are
 decoded (invalid UTF-8 becomes U+FFFD, as the spec's decoder does).
@@ -24,11 +30,14 @@ of slices; CR line ends take a slower general path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["DONE", "SSEDecoder", "SSEEvent", "Truncated"]
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "DONE", "SSEDecoder", "SSEEvent", "Truncated"]
 
 DONE = "[DONE]"  # the OpenAI end-of-stream sentinel, sent as the data of a last event
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+_PLACEHOLDER = b"-"  # stands for the dropped start of an oversized line: an unknown field
 
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
@@ -74,6 +83,8 @@ class SSEDecoder:
 
     ``done`` becomes true once an event whose data is exactly ``[DONE]`` was dispatched.
     ``retry`` is the last valid ``retry`` value (milliseconds) or ``None``.
+    ``oversized`` counts the blocks skipped for being longer than ``max_event_bytes``;
+    ``on_oversized``, if given, is called once for each, when it crosses the bound.
     """
 
     __slots__ = (
@@ -85,13 +96,27 @@ class SSEDecoder:
         "_fed",
         "_head",
         "_idle",
+        "_max",
+        "_on_oversized",
         "_parts",
+        "_skipping",
         "done",
         "last_event_id",
+        "oversized",
         "retry",
     )
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        on_oversized: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_event_bytes <= 0:
+            raise ValueError("max_event_bytes must be positive")
+        self._max = max_event_bytes
+        self._on_oversized = on_oversized
+        self._skipping = False  # the open block crossed the bound: drop it at its blank line
+        self.oversized = 0
         self._parts: list[bytes] = []  # pieces of the current, not yet terminated, line
         self._data: list[bytes] = []  # values of the data lines of the current block
         self._event = b""  # the event type buffer
@@ -118,6 +143,11 @@ class SSEDecoder:
         return self._block_start
 
     @property
+    def skipping(self) -> bool:
+        """True while the open block is over the bound (its bytes are final: it is skipped)."""
+        return self._skipping
+
+    @property
     def pending_cr(self) -> bool:
         """True when the input so far ends with a CR line end (a LF next would belong to it)."""
         return self._cr
@@ -129,6 +159,7 @@ class SSEDecoder:
             n = len(data)
             if (
                 data.startswith(b"data: ")
+                and self._fed + n - 1 - self._block_start <= self._max
                 and data.find(b"\n", 6) == n - 2
                 and data[n - 1] == _LF
                 and _CR not in data  # int in bytes is a bare memchr: much cheaper than b"\r"
@@ -146,8 +177,15 @@ class SSEDecoder:
         events: list[SSEEvent] = []
         if data:
             self._feed(data, events)
+            if self._fed - self._block_start > self._max:
+                self._overflow()
             self._idle = not (
-                self._parts or self._data or self._event or self._cr or self._head is not None
+                self._parts
+                or self._data
+                or self._event
+                or self._cr
+                or self._skipping
+                or self._head is not None
             )
         return events
 
@@ -194,13 +232,13 @@ class SSEDecoder:
             if line:
                 self._field(line)
             else:
-                self._dispatch(base + nl + 1, events)
+                self._dispatch(base + nl + 1, events, 1)
             pos = nl + 1
         find = data.find
         nl = find(b"\n", pos)
         while nl >= 0:
             if nl == pos:
-                self._dispatch(base + nl + 1, events)
+                self._dispatch(base + nl + 1, events, 1)
             elif data.startswith(b"data: ", pos):
                 # The line of nearly every event from every engine.
                 self._data.append(data[pos + 6 : nl])
@@ -210,6 +248,19 @@ class SSEDecoder:
             nl = find(b"\n", pos)
         if pos < len(data):
             parts.append(data[pos:] if pos else data)
+
+    def _overflow(self) -> None:
+        """The open block is longer than the bound: forget what it holds, skip the rest of it."""
+        if not self._skipping:
+            self._skipping = True
+            self.oversized += 1
+            if self._on_oversized is not None:
+                self._on_oversized(self._fed - self._block_start)
+        self._data = []
+        self._event = b""
+        if self._parts:
+            # The line is not over yet; what ends it must still be seen as a non-blank line.
+            self._parts = [_PLACEHOLDER]
 
     def close(self) -> Truncated | None:
         """End of input. Returns what a block cut short held, or ``None`` if none was open.
@@ -232,7 +283,7 @@ class SSEDecoder:
                 self._field(line)
         lost: list[SSEEvent] = []
         done = self.done
-        self._dispatch(self._fed, lost)
+        self._dispatch(self._fed, lost, 0)
         self.done = done  # an undispatched [DONE] does not count
         return Truncated(self._fed - held, held, lost[0] if lost else None)
 
@@ -262,7 +313,7 @@ class SSEDecoder:
             if piece:
                 self._field(piece)
             else:
-                self._dispatch(base + after, events)
+                self._dispatch(base + after, events, after - stop)
             pos = after
             if cr >= 0 and cr < pos:
                 cr = data.find(b"\r", pos)
@@ -294,12 +345,24 @@ class SSEDecoder:
             if value.isdigit() and len(value) <= _MAX_RETRY_DIGITS:
                 self.retry = int(value)
 
-    def _dispatch(self, end: int, events: list[SSEEvent]) -> None:
-        """A blank line ending at ``end``: dispatch the block's event, if it has data."""
+    def _dispatch(self, end: int, events: list[SSEEvent], blank: int) -> None:
+        """A blank line of ``blank`` bytes ending at ``end``: dispatch the block's event, if it
+        has data. The bound applies to the block less its blank line, which makes the outcome
+        the same however the reads split a CRLF."""
         start = self._block_start
         self._block_start = end
         data = self._data
         if not data:
+            self._event = b""
+            self._skipping = False
+            return
+        if self._skipping or end - start - blank > self._max:
+            if not self._skipping:  # a whole oversized block within one read
+                self.oversized += 1
+                if self._on_oversized is not None:
+                    self._on_oversized(end - start - blank)
+            self._skipping = False
+            self._data = []
             self._event = b""
             return
         self._data = []

@@ -23,7 +23,7 @@ import re
 from typing import Any, NamedTuple
 
 from sidecar.metering import estimate, safejson
-from sidecar.metering.sse import DONE, SSEDecoder, SSEEvent
+from sidecar.metering.sse import DEFAULT_MAX_EVENT_BYTES, DONE, SSEDecoder, SSEEvent
 from sidecar.metering.types import Endpoint, Source, Usage
 
 __all__ = [
@@ -353,6 +353,7 @@ class StreamMeter:
         "counted_tokens",
         "endpoint",
         "events",
+        "max_event_bytes",
         "prompt_tokens",
         "reported",
         "strip_usage_chunk",
@@ -360,7 +361,12 @@ class StreamMeter:
     )
 
     def __init__(
-        self, endpoint: Endpoint, *, strip_usage_chunk: bool = False, collect_text: bool = False
+        self,
+        endpoint: Endpoint,
+        *,
+        strip_usage_chunk: bool = False,
+        collect_text: bool = False,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.endpoint = endpoint
         self.strip_usage_chunk = strip_usage_chunk
@@ -375,7 +381,8 @@ class StreamMeter:
         self.events = 0  # events dispatched, [DONE] included
         self.stripped = 0  # usage-only events cut out (strip mode)
         self.anomalies: list[str] = []
-        self._decoder = SSEDecoder()
+        self.max_event_bytes = max_event_bytes
+        self._decoder = SSEDecoder(max_event_bytes, self._on_oversized)
         self._count = (
             _count_chat
             if endpoint is Endpoint.CHAT
@@ -417,7 +424,9 @@ class StreamMeter:
             self._on_event(event)
         if not self.strip_usage_chunk:
             return data
-        return self._release(data, self._decoder.block_start)
+        decoder = self._decoder
+        # An oversized block is relayed as it comes (it is no usage chunk): hold nothing of it.
+        return self._release(data, decoder.fed if decoder.skipping else decoder.block_start)
 
     def finish(self) -> bytes:
         """Upstream ended. Records the final anomalies; returns any bytes still held."""
@@ -446,6 +455,12 @@ class StreamMeter:
             self.anomalies.append(anomaly)
         else:
             self._suppressed += 1
+
+    def _on_oversized(self, size: int) -> None:
+        self._note(
+            f"an event longer than {self.max_event_bytes} bytes was relayed but not metered "
+            f"(at {size} bytes)"
+        )
 
     def _on_event(self, event: SSEEvent) -> None:
         self.events += 1

@@ -208,6 +208,7 @@ class SidecarAddon:
             call.endpoint,
             strip_usage_chunk=bool(flow.metadata.get("sidecar_strip")),
             collect_text=collect,
+            max_event_bytes=self.exchange.max_event_bytes,
         )
         relay = _StreamRelay(self.exchange, call, meter, response.status_code)
         flow.metadata[_STREAM] = relay

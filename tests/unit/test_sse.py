@@ -408,3 +408,75 @@ def test_a_block_started_by_a_stateless_line_keeps_its_start() -> None:
             len(raw),
         )
     )
+
+
+# -- the bound on one event ------------------------------------------------------------------
+
+
+def _content_size(raw: bytes, event: SSEEvent) -> int:
+    """The bytes of an event's block before its blank line (as decoded from one read)."""
+    blank = 2 if raw[event.raw_end - 2 : event.raw_end] == b"\r\n" else 1
+    return event.raw_end - event.raw_start - blank
+
+
+@given(
+    streams(),
+    st.lists(st.integers(0, 10_000), max_size=12),
+    st.integers(1, 80),
+)
+def test_oversized_events_are_skipped_alike_for_any_split(
+    raw: bytes, cuts: list[int], bound: int
+) -> None:
+    unbounded = SSEDecoder(1 << 40)
+    whole = unbounded.feed(raw)
+    expected = [(e.data, e.event) for e in whole if _content_size(raw, e) <= bound]
+    decoder = SSEDecoder(bound)
+    events: list[SSEEvent] = []
+    for read in split(raw, cuts):
+        events += decoder.feed(read)
+    decoder.close()
+    assert [(e.data, e.event) for e in events] == expected
+    assert decoder.oversized >= len(whole) - len(expected)
+
+
+def test_an_endless_line_holds_bounded_memory() -> None:
+    import tracemalloc
+
+    seen: list[int] = []
+    decoder = SSEDecoder(1024 * 1024, seen.append)
+    piece = b"x" * 65536
+    tracemalloc.start()
+    try:
+        decoder.feed(b"data: ")
+        for _ in range(1024):  # 64 MiB of one line
+            decoder.feed(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 1024 * 1024
+    assert decoder.skipping and decoder.oversized == 1 and len(seen) == 1
+    # The line ends, its block ends: what follows is decoded as usual.
+    assert decoder.feed(b"\n\ndata: after\n\n") == [SSEEvent("after")]
+    assert not decoder.skipping and decoder.oversized == 1
+
+
+def test_an_oversized_event_within_one_read_is_skipped() -> None:
+    decoder = SSEDecoder(10)
+    events = decoder.feed(b"data: 0123456789\n\ndata: ok\n\n")
+    assert events == [SSEEvent("ok")]
+    assert decoder.oversized == 1
+    # Exactly at the bound is metered: "data: 1234" is 10 bytes, its LF the 11th.
+    assert SSEDecoder(11).feed(b"data: 1234\n\n") == [SSEEvent("1234")]
+    assert SSEDecoder(10).feed(b"data: 1234\n\n") == []
+
+
+def test_an_oversized_block_reports_no_event_at_close() -> None:
+    decoder = SSEDecoder(8)
+    decoder.feed(b"data: a very long unterminated line")
+    truncated = decoder.close()
+    assert truncated is not None and truncated.event is None
+
+
+def test_the_bound_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        SSEDecoder(0)

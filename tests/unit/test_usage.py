@@ -858,3 +858,30 @@ def test_tiktoken_works_with_the_network_unreachable(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "2"
+
+
+# -- an oversized event ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_an_oversized_event_is_relayed_whole_and_not_metered(strip: bool) -> None:
+    import tracemalloc
+
+    meter = StreamMeter(Endpoint.CHAT, strip_usage_chunk=strip, max_event_bytes=4096)
+    head = chat_chunk({"content": "a"}) + b"data: " + b'{"x": "'
+    body = b"y" * 8192
+    tail = b'"}\n\n' + chat_chunk({"content": "b"}) + b"data: [DONE]\n\n"
+    out = [meter.feed(head)]
+    tracemalloc.start()
+    try:
+        for _ in range(2000):  # 16 MB inside one event
+            out.append(meter.feed(body))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    out.append(meter.feed(tail))
+    out.append(meter.finish())
+    assert peak < 1024 * 1024  # nothing of the event is held, in either mode
+    assert b"".join(out) == head + body * 2000 + tail  # every byte relayed, in order
+    assert meter.completion_tokens == 2  # the chunks around it are metered
+    assert any("longer than 4096 bytes" in a for a in meter.anomalies)
