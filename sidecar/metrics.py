@@ -1,16 +1,30 @@
 """Prometheus metrics, on a registry of the app's own (several apps can live in one process).
 
 Metrics are updated once per response, never per streamed chunk, to keep the relay's hot path
-free of bookkeeping.
+free of bookkeeping. Every label has a fixed, small set of values: nothing a client or an
+engine sends (a job id, a model name) becomes a label, so a scrape stays the same size however
+many jobs a host serves (per-job figures are in the ledger: ``/sidecar/jobs``, ``sidecar
+jobs``). Token usage is also exported under the OpenTelemetry GenAI name,
+``gen_ai.client.token.usage`` (a histogram of tokens per response by ``gen_ai.token.type``),
+as its Prometheus form ``gen_ai_client_token_usage``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-UNATTRIBUTED = "unattributed"
+# The OpenTelemetry GenAI operation names of the metered routes.
+_GEN_AI_OPERATIONS = {
+    "chat": "chat",
+    "completions": "text_completion",
+    "embeddings": "embeddings",
+    "responses": "chat",
+}
+# The bucket boundaries the GenAI semantic conventions advise for gen_ai.client.token.usage.
+_TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67108864
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -44,9 +58,23 @@ class Metrics:
         )
         self.tokens = Counter(
             "sidecar_tokens",
-            "Tokens metered, by job, kind (prompt, completion, billable; cached and reasoning "
-            "where the engine reports them) and source (reported, counted, estimated).",
-            ("job", "kind", "source"),
+            "Tokens metered, by kind (prompt, completion, billable; cached and reasoning "
+            "where the engine reports them) and source (reported, counted, estimated). "
+            "Per-job totals: /sidecar/jobs.",
+            ("kind", "source"),
+            registry=r,
+        )
+        self.unattributed = Counter(
+            "sidecar_unattributed_responses",
+            "Responses relayed that named no job (billed to nobody).",
+            registry=r,
+        )
+        self.gen_ai_tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "OpenTelemetry GenAI gen_ai.client.token.usage: tokens per response, by "
+            "gen_ai.token.type (input, output) and gen_ai.operation.name.",
+            ("gen_ai_operation_name", "gen_ai_token_type"),
+            buckets=_TOKEN_BUCKETS,
             registry=r,
         )
         self.upstream_latency = Histogram(
@@ -130,17 +158,29 @@ class Metrics:
     ) -> None:
         """One relayed response's request and token counters."""
         self._child(self.requests, endpoint, str(status)).inc()
-        label = UNATTRIBUTED if job is None else str(job)
+        if job is None:
+            self.unattributed.inc()
         if prompt_tokens:
-            self._child(self.tokens, label, "prompt", source).inc(prompt_tokens)
+            self._child(self.tokens, "prompt", source).inc(prompt_tokens)
         if completion_tokens:
-            self._child(self.tokens, label, "completion", source).inc(completion_tokens)
+            self._child(self.tokens, "completion", source).inc(completion_tokens)
         if billable_tokens:
-            self._child(self.tokens, label, "billable", source).inc(billable_tokens)
+            self._child(self.tokens, "billable", source).inc(billable_tokens)
         if cached_tokens:
-            self._child(self.tokens, label, "cached", source).inc(cached_tokens)
+            self._child(self.tokens, "cached", source).inc(cached_tokens)
         if reasoning_tokens:
-            self._child(self.tokens, label, "reasoning", source).inc(reasoning_tokens)
+            self._child(self.tokens, "reasoning", source).inc(reasoning_tokens)
+        if status < 300:
+            operation = _GEN_AI_OPERATIONS.get(endpoint, endpoint)
+            if prompt_tokens is not None:
+                self._child(self.gen_ai_tokens, operation, "input").observe(prompt_tokens)
+            if operation != "embeddings":  # an embedding generates nothing
+                self._child(self.gen_ai_tokens, operation, "output").observe(completion_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """The exposition, rendered on a worker thread: a scrape never holds the event loop
+        (prometheus_client's metrics are thread-safe)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.exposition)

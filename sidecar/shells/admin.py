@@ -195,5 +195,5 @@ class Admin:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=await self.metrics.scrape(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -268,7 +268,7 @@ async def test_admin_token_guards_admin_routes_only(sidecar_factory, faulty_upst
         async with client.get(sidecar.url + "/metrics") as resp:
             assert resp.status == 200
             metrics = await resp.text()
-    assert 'sidecar_tokens_total{job="12",kind="completion",source="reported"} 4.0' in metrics
+    assert 'sidecar_tokens_total{kind="completion",source="reported"} 4.0' in metrics
     assert "sidecar_streams_in_flight" in metrics
     assert "s3cret" not in metrics
 
