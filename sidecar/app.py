@@ -27,6 +27,7 @@ from sidecar.malloc import tune_for_relaying
 from sidecar.metrics import Metrics
 from sidecar.models import ModelNames
 from sidecar.shells.admin import Admin
+from sidecar.shells.connections import LimitedSite
 from sidecar.shells.node_http import NodeHttp
 from sidecar.shells.node_ws import NodeWebSocket
 from sidecar.shells.openai_proxy import OpenAIProxy
@@ -61,7 +62,11 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
 
         chain = ChainService(settings, ledger, metrics)
     engine = EngineClient(
-        settings.upstream, metrics, connect_timeout=settings.upstream_connect_timeout
+        settings.upstream,
+        metrics,
+        connect_timeout=settings.upstream_connect_timeout,
+        first_byte_timeout=settings.upstream_first_byte_timeout,
+        idle_timeout=settings.upstream_idle_timeout,
     )
     host_key = None
     if settings.host_key is not None or settings.host_key_file is not None:
@@ -91,7 +96,9 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         node_http,
         ledger,
         chain,
-        max_message_bytes=settings.max_body_bytes,
+        max_message_bytes=settings.ws_max_message_bytes,
+        messages_per_second=settings.ws_messages_per_second,
+        message_burst=2 * settings.ws_messages_per_second,
         host_key=host_key,  # encrypted sessions open to this key
     )
     proxy = OpenAIProxy(exchange, engine, settings.max_body_bytes, model_names)
@@ -174,7 +181,7 @@ async def serve(settings: Settings) -> None:
     runner = make_runner(app, float(settings.shutdown_grace))
     await runner.setup()
     host, port = settings.listen_host_port
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = LimitedSite(runner, host, port, settings.max_connections, app[METRICS_KEY])
     await site.start()
     log.info(
         "sidecar listening on http://%s:%d, relaying to %s (engine %s), ledger %s, "

@@ -124,6 +124,37 @@ class Settings:
         "relayed as is, not counted, and logged as an anomaly",
         metavar="BYTES",
     )
+    max_streams_per_job: int = _opt(
+        32, "streams one job may have open at once (429 too_many_streams above)", metavar="N"
+    )
+    upstream_first_byte_timeout: int = _opt(
+        600,
+        "seconds the engine may take to start its answer (its response headers; for a "
+        "non-stream answer, the whole answer); 504 after",
+        metavar="SECONDS",
+    )
+    upstream_idle_timeout: int = _opt(
+        120,
+        "seconds a streamed answer may go without a byte from the engine; then the stream is "
+        "cut and its tokens so far recorded",
+        metavar="SECONDS",
+    )
+    ws_max_message_bytes: int = _opt(
+        8 * 1024 * 1024,
+        "largest WebSocket message accepted on /v1/ws (the socket is closed with 1009 above)",
+        metavar="BYTES",
+    )
+    ws_messages_per_second: int = _opt(
+        20,
+        "messages a second one WebSocket may send on average (bursts of twice as many); "
+        "messages above it are dropped unread and the client told RATE_LIMITED",
+        metavar="N",
+    )
+    max_connections: int = _opt(
+        1024,
+        "client connections open at once; a connection above it is answered 503 and closed",
+        metavar="N",
+    )
     upstream_connect_timeout: int = _opt(
         10, "seconds to wait for a connection to the engine", metavar="SECONDS"
     )
@@ -426,6 +457,16 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--max-body-bytes must be positive")
     if settings.max_event_bytes <= 0:
         raise ConfigError("--max-event-bytes must be positive")
+    for name in (
+        "max_streams_per_job",
+        "upstream_first_byte_timeout",
+        "upstream_idle_timeout",
+        "max_connections",
+        "ws_max_message_bytes",
+        "ws_messages_per_second",
+    ):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if settings.upstream_connect_timeout <= 0:
         raise ConfigError("--upstream-connect-timeout must be positive")
     if settings.rpc_url is not None:

@@ -143,10 +143,20 @@ class EngineHealth:
 class EngineClient:
     """The connection pool to the engine at ``base_url`` (``start`` before use, then ``close``)."""
 
-    def __init__(self, base_url: str, metrics: Metrics, *, connect_timeout: float = 10) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        metrics: Metrics,
+        *,
+        connect_timeout: float = 10,
+        first_byte_timeout: float = 600,
+        idle_timeout: float = 120,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.metrics = metrics
         self.connect_timeout = connect_timeout
+        self.first_byte_timeout = first_byte_timeout  # to the headers (a JSON answer: all of it)
+        self.idle_timeout = idle_timeout  # between two reads of a streamed answer
         self._session: aiohttp.ClientSession | None = None
         self._models: tuple[float, tuple[str, ...]] | None = None
 
@@ -185,18 +195,34 @@ class EngineClient:
                 data=body or None,
                 headers=headers,
                 allow_redirects=False,
+                # aiohttp's read timeout runs from the request to the first byte and between
+                # reads after: the first-byte bound until the headers, the idle bound after them
+                # for a stream (set below). One timer per read, which aiohttp keeps anyway.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.connect_timeout, sock_read=self.first_byte_timeout
+                ),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self.unreachable(exc) from exc
-        return EngineResponse(response, self.base_url)
+        answer = EngineResponse(response, self.base_url)
+        if answer.is_event_stream:
+            connection = response.connection
+            protocol = None if connection is None else connection.protocol
+            if protocol is not None:
+                protocol.read_timeout = self.idle_timeout
+                protocol.start_timeout()  # from now: the body may have come with the headers
+        return answer
 
     async def post_json(self, path: str, body: bytes) -> EngineResponse:
         return await self.request("POST", path, body, {"Content-Type": "application/json"})
 
     def unreachable(self, exc: BaseException) -> UpstreamError:
         """The error for an engine that could not be reached (counted, logged)."""
-        if isinstance(exc, asyncio.TimeoutError):
-            kind, status, detail = "timeout", 504, "did not answer in time"
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            kind, status, detail = "timeout", 504, "did not accept a connection in time"
+        elif isinstance(exc, asyncio.TimeoutError):
+            kind, status = "timeout", 504
+            detail = f"did not start its answer within {self.first_byte_timeout:g} s"
         else:
             kind, status, detail = "unreachable", 502, f"is unreachable ({_describe(exc)})"
         self.metrics.upstream_errors.labels(kind).inc()

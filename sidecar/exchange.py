@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -167,6 +168,8 @@ class Exchange:
         self.identity = identity or EngineIdentity(settings.engine)
         self.default_max_tokens = settings.default_max_tokens
         self.max_event_bytes = settings.max_event_bytes
+        self.max_streams_per_job = settings.max_streams_per_job
+        self._streams: dict[int, int] = {}  # streams open per job (in this process)
         self.reservations = Reservations()
         # Idempotency keys: a random 64-bit prefix per process and a counter (uuid4 would cost
         # a system call per request); unique across restarts and replicas.
@@ -220,9 +223,59 @@ class Exchange:
         job_id: int | None,
         body: bytes,
         requester: Requester | None = None,
+        *,
+        stream: bool = False,
     ) -> Admission:
         """Ask the chain whether the job may be served (to ``requester``); lower
-        ``max_tokens`` to its budget. Raises :class:`~sidecar.errors.JobRefused` (counted)."""
+        ``max_tokens`` to its budget. Raises :class:`~sidecar.errors.JobRefused` (counted).
+        A stream also takes one of its job's ``--max-streams-per-job`` slots, given back with
+        the admission's hold."""
+        if not stream or job_id is None:
+            return await self._admit(endpoint, job_id, body, requester)
+        if self._streams.get(job_id, 0) >= self.max_streams_per_job:
+            raise self.refused(
+                JobRefused(
+                    f"job {job_id} already has {self.max_streams_per_job} streams open "
+                    "(--max-streams-per-job); retry when one ends",
+                    code="too_many_streams",
+                    status=429,
+                )
+            )
+        self._streams[job_id] = self._streams.get(job_id, 0) + 1
+        try:
+            admission = await self._admit(endpoint, job_id, body, requester)
+        except BaseException:
+            self._stream_ended(job_id)
+            raise
+        hold = admission.hold
+        release_inner = hold.on_release
+
+        def release() -> None:
+            if release_inner is not None:
+                release_inner()
+            self._stream_ended(job_id)
+
+        slot = Hold(hold.reservations, hold.job_id, hold.tokens, on_release=release)
+        return dataclasses.replace(admission, hold=slot)
+
+    def _stream_ended(self, job_id: int) -> None:
+        left = self._streams.get(job_id, 1) - 1
+        if left > 0:
+            self._streams[job_id] = left
+        else:
+            self._streams.pop(job_id, None)
+
+    def streams_open(self, job_id: int) -> int:
+        """Streams of ``job_id`` open now in this process."""
+        return self._streams.get(job_id, 0)
+
+    async def _admit(
+        self,
+        endpoint: Endpoint,
+        job_id: int | None,
+        body: bytes,
+        requester: Requester | None,
+    ) -> Admission:
         left = None if job_id is None else await self.admit_job(job_id, requester)
         if left is None or job_id is None or endpoint is Endpoint.EMBEDDINGS:
             return Admission(body)
@@ -514,7 +567,9 @@ class Exchange:
             and endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)
         ):
             payload["stream_options"] = {"include_usage": True}
-        admission = await self.admit(endpoint, job_id, json.dumps(payload).encode(), requester)
+        admission = await self.admit(
+            endpoint, job_id, json.dumps(payload).encode(), requester, stream=stream
+        )
         model = body.get("model")
         call = self.start(endpoint, job_id, model if type(model) is str else None, admission)
         sent_at = time.perf_counter()

@@ -176,7 +176,9 @@ class SidecarAddon:
             authorization = flow.request.headers.get("authorization")
             if prepared.job_id is not None:
                 requester = exchange.requester_from_bearer(authorization, prepared.job_id)
-            admission = await exchange.admit(endpoint, prepared.job_id, prepared.body, requester)
+            admission = await exchange.admit(
+                endpoint, prepared.job_id, prepared.body, requester, stream=prepared.stream
+            )
         except SidecarError as exc:
             flow.response = http.Response.make(
                 exc.status,

@@ -46,6 +46,7 @@ from sidecar.shells.node_protocol import (
     to_openai,
     usage_json,
 )
+from sidecar.shells.rate import MessageRate
 
 if TYPE_CHECKING:  # the cipher's libraries load with the first encrypted session
     from sidecar.chain.worker import ClaimEvent  # web3 only with a chain
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # the cipher's libraries load with the first encrypted sessio
 
 log = logging.getLogger("sidecar.node")
 
+_DATA_FRAMES = (WSMsgType.TEXT, WSMsgType.BINARY)
 WS_HEARTBEAT = 30.0  # seconds: pings find half-open connections (a client that vanished)
 
 
@@ -143,6 +145,8 @@ class NodeWebSocket:
         settlement: Settlement | None,
         *,
         max_message_bytes: int,
+        messages_per_second: float = 20.0,
+        message_burst: int = 40,
         host_key: HostKey | None = None,
     ) -> None:
         self.exchange = exchange
@@ -151,6 +155,8 @@ class NodeWebSocket:
         self.ledger = ledger
         self.settlement = settlement
         self.max_message_bytes = max_message_bytes
+        self.messages_per_second = messages_per_second
+        self.message_burst = message_burst
         self._sockets_of_job: dict[int, set[_Socket]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         if settlement is not None:
@@ -163,14 +169,32 @@ class NodeWebSocket:
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=self.max_message_bytes)
         await ws.prepare(request)
         sock = _Socket(ws)
+        loop = asyncio.get_running_loop()
+        rate = MessageRate(self.messages_per_second, self.message_burst, loop.time())
         try:
             await sock.send({"type": "connected", "message": "WebSocket connected successfully"})
             async for msg in ws:
+                if msg.type in _DATA_FRAMES and not rate.allow(loop.time()):
+                    await self._too_fast(sock, rate, loop.time())
+                    continue
                 if not await self._on_frame(sock, msg):
                     break
         finally:
             await self._end(sock)
         return ws
+
+    async def _too_fast(self, sock: _Socket, rate: MessageRate, now: float) -> None:
+        """A message over the socket's rate: dropped unread; the client told once a second."""
+        if rate.should_warn(now):
+            self.exchange.metrics.rejected.labels("rate_limited").inc(rate.dropped)
+            rate.dropped = 0
+            log.info("websocket of job %s sends too fast: messages dropped", sock.job_id)
+            await sock.error(
+                "RATE_LIMITED",
+                f"more than {self.messages_per_second:g} messages a second (bursts of "
+                f"{self.message_burst}): messages were dropped unread; slow down",
+                {} if sock.session_id is None else {"session_id": sock.session_id},
+            )
 
     async def _on_frame(self, sock: _Socket, msg: aiohttp.WSMessage) -> bool:
         """Handle one frame; False ends the session."""

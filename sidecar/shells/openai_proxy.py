@@ -126,7 +126,9 @@ class OpenAIProxy:
         if prepared.job_id is not None:
             authorization = request.headers.get("Authorization")
             requester = exchange.requester_from_bearer(authorization, prepared.job_id)
-        admission = await exchange.admit(endpoint, prepared.job_id, prepared.body, requester)
+        admission = await exchange.admit(
+            endpoint, prepared.job_id, prepared.body, requester, stream=prepared.stream
+        )
         call = exchange.start(endpoint, prepared.job_id, prepared.model, admission)
         sent_at = time.perf_counter()
         drop = without_job_token(METERED_REQUEST_DROP, request.headers)

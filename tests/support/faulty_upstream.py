@@ -10,6 +10,9 @@ the way the request's ``model`` names:
 * ``fault:slow``          one chunk every 20 ms until the client goes away (records that);
 * ``fault:no-usage``      a non-stream answer without a ``usage`` object;
 * ``fault:not-json``      a 200 answer whose body is not JSON.
+* ``fault:hang``          never answers (no headers) until the client goes away;
+* ``fault:stall-after-N`` streams N content chunks, then sends nothing, connection open;
+* ``fault:long-line-M``   a chunk, then one event of M MiB (one line), then a chunk and [DONE].
 Everything else answers a normal stream/non-stream of ``max_tokens`` chunks; a stream request with
 ``stream_options.include_usage`` also gets the usage-only chunk (``choices: []``) that vLLM,
 llama.cpp's server and OpenAI send before ``[DONE]``, which llama-cpp-python never sends.
@@ -81,6 +84,8 @@ class FaultyUpstream:
         self.requests.append(body)
         model = str(body.get("model", ""))
         n = int(body.get("max_tokens") or 16)
+        if model == "fault:hang":
+            await asyncio.sleep(3600)
         if not body.get("stream"):
             if model == "fault:not-json":
                 return web.Response(body=b"<html>oops</html>", content_type="application/json")
@@ -113,6 +118,21 @@ class FaultyUpstream:
             await asyncio.sleep(0.05)
             assert request.transport is not None
             request.transport.abort()
+            return response
+        if model.startswith("fault:stall-after-"):
+            for _ in range(int(model.rsplit("-", 1)[1])):
+                await response.write(chat_chunk("tok"))
+            await asyncio.sleep(3600)
+        if model.startswith("fault:long-line-"):
+            await response.write(chat_chunk("tok"))
+            await response.write(b'data: {"padding": "')
+            piece = b"x" * 65536
+            for _ in range(16 * int(model.rsplit("-", 1)[1])):
+                await response.write(piece)
+            await response.write(b'"}\n\n')
+            await response.write(chat_chunk("tok"))
+            await response.write(DONE)
+            await response.write_eof()
             return response
         if model == "fault:slow":
             try:

@@ -15,9 +15,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.app import LEDGER_KEY, build_app, make_runner
+from sidecar.app import LEDGER_KEY, METRICS_KEY, build_app, make_runner
 from sidecar.config import load_settings
 from sidecar.ledger import Ledger
+from sidecar.shells.connections import LimitedSite
 from tests.support.llama import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ async def start_sidecar(upstream: str, ledger_path: Path, **options: Any) -> Run
     app = build_app(settings)
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = LimitedSite(runner, "127.0.0.1", port, settings.max_connections, app[METRICS_KEY])
     await site.start()
     return RunningSidecar(url=f"http://127.0.0.1:{port}", runner=runner, ledger=app[LEDGER_KEY])
 
