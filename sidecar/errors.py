@@ -115,6 +115,12 @@ class ChainCheckError(SidecarError):
     type = "server_error"
 
 
+class LedgerMarketplaceMismatchError(ChainCheckError):
+    """The ledger holds the jobs of another marketplace (chain, contract or version)."""
+
+    check = "ledger_marketplace"
+
+
 class RequestTooLarge(SidecarError):
     status = 413
     code = "request_too_large"

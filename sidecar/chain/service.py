@@ -31,7 +31,8 @@ from sidecar.chain.rpc import (
 from sidecar.chain.sender import ChainSender, describe
 from sidecar.chain.worker import ClaimEvent, ClaimListener, ClaimWorker
 from sidecar.config import Settings
-from sidecar.ledger import Ledger
+from sidecar.errors import LedgerMarketplaceMismatchError
+from sidecar.ledger import Ledger, MarketplaceIdentity
 from sidecar.ledger.lease import SubmitterLease
 from sidecar.metrics import Metrics
 from sidecar.tasks import stop_task
@@ -68,10 +69,26 @@ class ChainService:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    async def _bind_ledger(self, chain: ConnectedChain) -> None:
+        """The ledger's job ids are this marketplace's: bind it on first use, refuse to start on
+        a ledger bound to another (job 164 of one contract is not job 164 of another)."""
+        assert self.settings.chain_id is not None  # checked with --rpc-url
+        here = MarketplaceIdentity(
+            self.settings.chain_id, chain.address, chain.market.version.value
+        )
+        bound = await self.ledger.bind_marketplace(here, time.time_ns() // 1_000_000)
+        if bound != here:
+            raise LedgerMarketplaceMismatchError(
+                f"the ledger {self.ledger!r} holds the jobs of the {bound}, not of the {here}: "
+                "their job ids would mix. Use a ledger of its own for each marketplace "
+                "(--ledger), or point this sidecar back at the one its ledger was made for"
+            )
+
     async def start(self) -> None:
         """Check the chain and the contract (refusing to start with a clear message), resume
         the outbox, start the worker."""
         chain = await self._connect()
+        await self._bind_ledger(chain)
         log.info(
             "chain: %s marketplace %s on chain %s, host %s, dispute window %ss",
             chain.market.version.value,

@@ -134,6 +134,22 @@ class ClaimConflictError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class MarketplaceIdentity:
+    """Which marketplace a ledger's job ids belong to: job 164 of one contract is not job 164
+    of another. ``marketplace`` is compared without case (an address)."""
+
+    chain_id: int
+    marketplace: str
+    contract_version: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "marketplace", self.marketplace.lower())
+
+    def __str__(self) -> str:
+        return f"{self.contract_version} marketplace {self.marketplace} on chain {self.chain_id}"
+
+
+@dataclass(frozen=True, slots=True)
 class JobTotals:
     """Everything metered for one job (``job_id`` None: the unattributed requests)."""
 
@@ -286,6 +302,19 @@ class Ledger(ABC):
     @abstractmethod
     async def binding(self, job_id: int) -> str | None:
         """The address ``job_id`` is bound to, or None."""
+
+    # -- the marketplace the ledger's jobs belong to ----------------------------------------
+
+    @abstractmethod
+    async def bind_marketplace(
+        self, identity: MarketplaceIdentity, now_ms: int
+    ) -> MarketplaceIdentity:
+        """Bind the ledger, and so every job in it, to ``identity`` unless it is bound already;
+        return the identity it is bound to (the first binding stands, durably)."""
+
+    @abstractmethod
+    async def marketplace(self) -> MarketplaceIdentity | None:
+        """The marketplace the ledger is bound to, or None (never started with a chain)."""
 
     # -- settlement requests: any replica takes them, the submitter settles ----------------
 

@@ -141,6 +141,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX job_holds_by_job ON job_holds (job_id)",
     ),
+    # 2: the marketplace the ledger's job ids belong to (one row; see the SQLite schema's 7).
+    (
+        """
+        CREATE TABLE ledger_marketplace (
+            singleton        SMALLINT PRIMARY KEY CHECK (singleton = 1),
+            chain_id         NUMERIC(78, 0) NOT NULL,
+            marketplace      TEXT    NOT NULL,
+            contract_version TEXT    NOT NULL,
+            bound_ms         BIGINT  NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import os
 import threading
 import time
@@ -42,6 +43,7 @@ from sidecar.ledger.base import (
     JobTotals,
     Ledger,
     LedgerClosedError,
+    MarketplaceIdentity,
     UsageRecord,
 )
 from sidecar.ledger.lease import SubmitterLease
@@ -589,6 +591,38 @@ class PostgresLedger(Ledger):
             "SELECT address FROM job_bindings WHERE job_id = %s::numeric", (job_text(job_id),)
         )
         return str(rows[0][0]) if rows else None
+
+    async def bind_marketplace(
+        self, identity: MarketplaceIdentity, now_ms: int
+    ) -> MarketplaceIdentity:
+        params = (
+            str(operator.index(identity.chain_id)),
+            identity.marketplace,
+            identity.contract_version,
+            optional_int(now_ms),
+        )
+
+        async def bind(conn: _Conn) -> None:
+            await conn.execute(
+                "INSERT INTO ledger_marketplace (singleton, chain_id, marketplace,"
+                " contract_version, bound_ms) VALUES (1, %s::numeric, %s, %s, %s)"
+                " ON CONFLICT (singleton) DO NOTHING",
+                params,
+            )
+
+        await self._write(bind)
+        bound = await self.marketplace()
+        assert bound is not None  # inserted or already there
+        return bound
+
+    async def marketplace(self) -> MarketplaceIdentity | None:
+        rows = await self._read(
+            "SELECT chain_id::text, marketplace, contract_version FROM ledger_marketplace", ()
+        )
+        if not rows:
+            return None
+        chain_id, address, version = rows[0]
+        return MarketplaceIdentity(int(str(chain_id)), str(address), str(version))
 
     async def request_settlement(self, job_id: int, now_ms: int) -> None:
         params = (job_text(job_id), optional_int(now_ms))

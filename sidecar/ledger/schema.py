@@ -146,6 +146,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 7: the marketplace the ledger's job ids belong to (one row): a sidecar pointed at another
+    # chain, contract or contract version refuses to start instead of mixing their jobs.
+    (
+        """
+        CREATE TABLE ledger_marketplace (
+            singleton        INTEGER PRIMARY KEY CHECK (singleton = 1),
+            chain_id         INTEGER NOT NULL,
+            marketplace      TEXT    NOT NULL,
+            contract_version TEXT    NOT NULL,
+            bound_ms         INTEGER NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

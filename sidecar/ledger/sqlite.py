@@ -35,6 +35,7 @@ from sidecar.ledger.base import (
     JobTotals,
     Ledger,
     LedgerClosedError,
+    MarketplaceIdentity,
     UsageRecord,
 )
 from sidecar.ledger.lease import FileLease, SubmitterLease
@@ -500,6 +501,38 @@ class SQLiteLedger(Ledger):
         query = "SELECT address FROM job_bindings WHERE job_id = ?"
         row = await self._read(lambda conn: conn.execute(query, params).fetchone())
         return None if row is None else str(row[0])
+
+    async def bind_marketplace(
+        self, identity: MarketplaceIdentity, now_ms: int
+    ) -> MarketplaceIdentity:
+        params = (
+            operator.index(identity.chain_id),
+            identity.marketplace,
+            identity.contract_version,
+            operator.index(now_ms),
+        )
+
+        def bind(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    "INSERT INTO ledger_marketplace (singleton, chain_id, marketplace,"
+                    " contract_version, bound_ms) VALUES (1, ?, ?, ?, ?)"
+                    " ON CONFLICT (singleton) DO NOTHING",
+                    params,
+                )
+
+        await self._write_claims(bind)
+        bound = await self.marketplace()
+        assert bound is not None  # inserted or already there
+        return bound
+
+    async def marketplace(self) -> MarketplaceIdentity | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT chain_id, marketplace, contract_version FROM ledger_marketplace"
+            ).fetchone()
+        )
+        return None if row is None else MarketplaceIdentity(int(row[0]), str(row[1]), str(row[2]))
 
     async def request_settlement(self, job_id: int, now_ms: int) -> None:
         params = (job_text(job_id), operator.index(now_ms))

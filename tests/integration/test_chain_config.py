@@ -82,3 +82,23 @@ def test_a_bad_host_key_file_is_refused_without_showing_it(chain_args, tmp_path)
     result = serve(*chain_args(**{"--host-key-file": str(bad)}))
     assert result.returncode == 2
     assert "not 32 bytes of hex" in result.stderr and "not-a-key" not in result.stderr
+
+
+async def test_a_ledger_of_another_marketplace_is_refused(chain_args, tmp_path) -> None:
+    """The ledger is bound to the marketplace it was first started with; another contract (or
+    chain, or version) on the same ledger would mix their job ids, so the sidecar refuses."""
+    from sidecar.ledger import MarketplaceIdentity
+    from sidecar.ledger.sqlite import SQLiteLedger
+
+    devnet = chain_args.devnet
+    ledger_path = tmp_path / "l.db"
+    first = SQLiteLedger(ledger_path)
+    await first.open()
+    elsewhere = MarketplaceIdentity(devnet.chain_id, "0x" + "11" * 20, "v1")
+    await first.bind_marketplace(elsewhere, 1)
+    await first.close()
+    result = serve(*chain_args())
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "refusing to start" in result.stderr
+    assert "0x" + "11" * 20 in result.stderr and "would mix" in result.stderr
+    assert "Traceback" not in result.stderr

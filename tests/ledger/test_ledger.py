@@ -586,3 +586,27 @@ async def test_migration_4_adds_up_the_records_already_there(tmp_path: Path) -> 
         assert await ledger.job_tokens(5) == 15
     finally:
         await ledger.close()
+
+
+async def test_the_ledger_is_bound_to_the_first_marketplace(ledger_store) -> None:
+    from sidecar.ledger import MarketplaceIdentity
+
+    ledger = ledger_store()
+    await ledger.open()
+    try:
+        assert await ledger.marketplace() is None
+        here = MarketplaceIdentity(84532, "0x" + "Ab" * 20, "v1")
+        assert await ledger.bind_marketplace(here, 10) == here
+        assert here.marketplace == "0x" + "ab" * 20  # an address, without case
+        other = MarketplaceIdentity(84532, "0x" + "cd" * 20, "v1")
+        assert await ledger.bind_marketplace(other, 20) == here  # the first binding stands
+        assert await ledger.bind_marketplace(here, 30) == here
+    finally:
+        await ledger.close()
+    reopened = ledger_store()
+    await reopened.open()
+    try:
+        assert await reopened.marketplace() == here
+        assert str(here) == f"v1 marketplace {'0x' + 'ab' * 20} on chain 84532"
+    finally:
+        await reopened.close()
