@@ -134,8 +134,10 @@ class JobAdmission:
         if job is not None:
             job.last_activity = time.monotonic()
 
-    async def request_settlement(self, job_id: int) -> KnownJob:
-        """Mark the job for settlement (the worker settles it), or :class:`JobRefused`."""
+    async def request_settlement(self, job_id: int, now_ms: int) -> KnownJob:
+        """Mark the job for settlement (the worker settles it), or :class:`JobRefused`. The
+        request is a ledger row before it is acted on: a crash, a restart or another replica
+        never forgets one, and a request the ledger did not take is not acted on at all."""
         job = await self.known(job_id, refresh=True)
         if job is None or not job.view.exists:
             raise JobRefused(
@@ -144,6 +146,7 @@ class JobAdmission:
                 status=404,
                 param="job_id",
             )
+        await self._ledger.request_settlement(job_id, now_ms)
         job.settle_requested = True
         return job
 

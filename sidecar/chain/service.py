@@ -165,7 +165,13 @@ class ChainService:
             w3=w3,
             market=market,
             account=account,
-            sender=ChainSender(w3, account, chain_id),
+            sender=ChainSender(
+                w3,
+                account,
+                chain_id,
+                bump_after=float(settings.fee_bump_after),
+                max_bumps=settings.max_fee_bumps,
+            ),
             address=address,
             chain_id=chain_id,
             dispute_window=settings.dispute_window if window is None else window,
@@ -226,9 +232,8 @@ class ChainService:
         """Settle the job's session once its last claim is mined, or
         :class:`~sidecar.errors.JobRefused` (404) when it is not known on-chain."""
         started = self._require_started()
-        await started.admission.request_settlement(job_id)
-        # Durable, for whichever replica sends (and for after a restart).
-        await self.ledger.request_settlement(job_id, time.time_ns() // 1_000_000)
+        # Durable first, for whichever replica sends (and for after a restart).
+        await started.admission.request_settlement(job_id, time.time_ns() // 1_000_000)
         started.worker.wake(job_id)
 
     def tokens_left(self, job_id: int, metered: int) -> int | None:

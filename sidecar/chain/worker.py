@@ -33,7 +33,7 @@ from sidecar.chain.proofs import (
 from sidecar.chain.rpc import ConnectedChain, chain_now, proof_submitted_events
 from sidecar.chain.sender import Outcome, TxResult, describe, is_transient
 from sidecar.config import Settings
-from sidecar.ledger import Claim, ClaimKind, ClaimState, Ledger, RecordState
+from sidecar.ledger import Claim, ClaimKind, ClaimState, Ledger
 from sidecar.ledger.lease import SubmitterLease
 from sidecar.metrics import Metrics
 from sidecar.tasks import stop_task
@@ -194,6 +194,11 @@ class ClaimWorker:
                     continue
                 idle = self._settings.settle_after_idle
                 if idle and not job.settle_requested and now - job.last_activity >= idle:
+                    try:  # a ledger row first, as every settlement request
+                        await self._ledger.request_settlement(job_id, time.time_ns() // 1_000_000)
+                    except Exception as exc:
+                        log.warning("chain: job %s cannot be marked to settle: %s", job_id, exc)
+                        continue
                     log.info("chain: job %s idle for %ss: settling", job_id, idle)
                     job.settle_requested = progress.dirty = True
                 timer_due = 0 < progress.wake_at <= now
@@ -237,7 +242,7 @@ class ClaimWorker:
             progress.stopped = f"session status {view.status.name}"
             log.info("chain: job %s is %s; claiming stops", job_id, view.status.name)
             return
-        rows = await self._closed_rows(job_id)
+        rows = await self._claimable_rows(job_id)
         metered = sum(tokens for _, tokens in rows)
         claimed = sum(
             c.tokens
@@ -464,16 +469,15 @@ class ClaimWorker:
         window = max(0, timeout - view.last_proof_time)
         return timeout - min(TIMEOUT_MARGIN, window // 3)
 
-    async def _closed_rows(self, job_id: int) -> list[LedgerRow]:
-        """The job's finished records, in ledger order: what claims commit to. Records that were
-        submitted without waiting (a stream cut off by a disconnect) are flushed first, so a
-        settlement that follows a disconnect sees their tokens."""
+    async def _claimable_rows(self, job_id: int) -> list[LedgerRow]:
+        """The job's records, in ledger order: what claims commit to. A stream still running
+        is in with the tokens its last progress record persisted (metered from the engine's
+        stream as it is relayed; at most 64 tokens or a second behind), so a long stream is
+        claimed while it runs and its session never goes unproven for the contract's timeout.
+        Records submitted without waiting (a stream cut off by a disconnect) are flushed
+        first, so a settlement that follows a disconnect sees their tokens."""
         await self._ledger.flush()
-        return [
-            (r.key, r.billable_tokens)
-            for r in await self._ledger.records(job_id)
-            if r.state is not RecordState.OPEN
-        ]
+        return [(r.key, r.billable_tokens) for r in await self._ledger.records(job_id)]
 
 
 def _new_claim(

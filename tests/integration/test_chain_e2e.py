@@ -4,7 +4,9 @@ JobMarketplace test doubles: what the chain says was used equals what the ledger
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 
 import aiohttp
 import pytest
@@ -216,6 +218,9 @@ async def test_idle_sessions_settle_by_themselves(
     await wait_for(settled, what="the idle settlement")
     after = devnet.session_job(deployment, job)
     assert after["statusName"] == "Completed" and after["tokensUsed"] == 130
+    # The idle settlement, as every settlement request, was a ledger row before it was sent.
+    with contextlib.closing(sqlite3.connect(sidecar.ledger.path)) as conn:
+        assert conn.execute("SELECT job_id FROM settle_requests").fetchall() == [(str(job),)]
 
 
 async def test_concurrent_streams_are_never_served_past_the_deposit(
