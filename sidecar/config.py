@@ -190,6 +190,17 @@ class Settings:
         f"{MIN_CLAIM_TOKENS}, the contract's minimum)",
         metavar="TOKENS",
     )
+    fee_bump_after: int = _opt(
+        30,
+        "seconds a claim or settlement may wait unmined before it is replaced (same nonce, "
+        "same proof, fees raised by a quarter)",
+        metavar="SECONDS",
+    )
+    max_fee_bumps: int = _opt(
+        3,
+        "replacements of one transaction at most (each raises its fees by a quarter)",
+        metavar="N",
+    )
     settle_after_idle: int = _opt(
         0,
         "settle a session after this many seconds without requests (0: never automatically)",
@@ -464,9 +475,12 @@ def _validate(settings: Settings) -> None:
         "max_connections",
         "ws_max_message_bytes",
         "ws_messages_per_second",
+        "fee_bump_after",
     ):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if settings.max_fee_bumps < 0:
+        raise ConfigError("--max-fee-bumps must be 0 or more")
     if settings.upstream_connect_timeout <= 0:
         raise ConfigError("--upstream-connect-timeout must be positive")
     if settings.rpc_url is not None:

@@ -7,6 +7,13 @@ reason before any gas is spent, and its gas limit is estimated every time (the v
 grows with every proof of a session: a fixed limit fails after a few dozen claims). Fees are
 EIP-1559: ``maxFeePerGas = 2 * baseFee + tip``.
 
+A transaction that is not mined within ``bump_after`` seconds is replaced: the same nonce, the
+same gas and calldata (so the same proof bytes), fees raised by ``BUMP_PERCENT`` (more than the
+10% a node's pool asks of a replacement), at most ``max_bumps`` times. One nonce means at most
+one of them is ever mined; the receipts of all of them are polled, and the result names the one
+that was, so the caller's outbox follows it (after a restart, the outbox knows the last hash;
+a claim mined under an earlier one is found by its ProofSubmitted log, as a resend is).
+
 RPC faults (connection refused, timeouts, "nonce too low", "already known", "replacement
 transaction underpriced") raise :class:`TransientChainError`; the caller retries later with
 backoff. Nothing here retries on its own, so the caller's durable outbox stays the one record of
@@ -40,6 +47,7 @@ from sidecar.chain.marketplace import revert_reason
 log = logging.getLogger("sidecar.chain")
 
 GAS_MARGIN_PERCENT = 25  # over the estimate: state can move between estimate and inclusion
+BUMP_PERCENT = 25  # a replacement's raise of both fees (geth and anvil ask at least 10%)
 _TRANSIENT_RPC_MESSAGES = (
     "nonce too low",
     "already known",
@@ -103,6 +111,8 @@ class ChainSender:
         *,
         receipt_timeout: float = 120.0,
         poll_interval: float = 0.25,
+        bump_after: float = 30.0,
+        max_bumps: int = 3,
     ) -> None:
         self.w3 = w3
         self._account = account
@@ -110,6 +120,9 @@ class ChainSender:
         self.chain_id = chain_id
         self.receipt_timeout = receipt_timeout
         self.poll_interval = poll_interval
+        self.bump_after = bump_after  # seconds without a receipt before a replacement
+        self.max_bumps = max_bumps  # replacements per transaction (fees x1.25 each)
+        self.bumps = 0  # replacements sent, over the sender's life (for tests and logs)
         self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:  # never the key
@@ -162,15 +175,66 @@ class ChainSender:
                 raise
             # The very same signed transaction is already in the pool: wait for it.
         await on_sent(tx_hash, nonce)
-        return await self._await_receipt(tx_hash, tx)
+        return await self._await_receipt(tx_hash, tx, on_sent)
 
-    async def _await_receipt(self, tx_hash: str, tx: dict[str, Any]) -> TxResult:
-        receipt = await self.w3.eth.wait_for_transaction_receipt(
-            HexStr(tx_hash),
-            timeout=self.receipt_timeout,
-            poll_latency=self.poll_interval,
+    async def _await_receipt(self, tx_hash: str, tx: dict[str, Any], on_sent: OnSent) -> TxResult:
+        """Poll for the receipt of ``tx_hash`` or of any replacement; replace the transaction
+        at a higher fee each ``bump_after`` seconds without one (``max_bumps`` times)."""
+        loop = asyncio.get_running_loop()
+        sent = [(tx_hash, tx)]
+        give_up_at = loop.time() + self.receipt_timeout
+        bump_at = loop.time() + self.bump_after
+        while True:
+            for sent_hash, sent_tx in reversed(sent):
+                try:
+                    receipt = await self.w3.eth.get_transaction_receipt(HexStr(sent_hash))
+                except TransactionNotFound:
+                    continue
+                return await self._result(sent_hash, receipt, sent_tx)
+            now = loop.time()
+            if now >= give_up_at:
+                raise TimeExhausted(
+                    f"no receipt for {sent[-1][0]} (nonce {tx['nonce']}) in "
+                    f"{self.receipt_timeout:g} s"
+                )
+            if now >= bump_at and len(sent) <= self.max_bumps:
+                bump_at = now + self.bump_after
+                replacement = await self._replace(sent[-1][1], on_sent)
+                if replacement is not None:
+                    sent.append(replacement)
+            await asyncio.sleep(self.poll_interval)
+
+    async def _replace(
+        self, tx: dict[str, Any], on_sent: OnSent
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Send ``tx`` again with the same nonce and calldata at higher fees; None when the
+        node refused it (the nonce is used already, or the raise was not enough: the polling
+        goes on either way)."""
+        latest = await self.w3.eth.get_block("latest")
+        base_fee = int(latest.get("baseFeePerGas", 0) or 0)
+        tip = max(_bumped(tx["maxPriorityFeePerGas"]), int(await self.w3.eth.max_priority_fee))
+        bumped = {
+            **tx,
+            "maxPriorityFeePerGas": tip,
+            "maxFeePerGas": max(_bumped(tx["maxFeePerGas"]), 2 * base_fee + tip),
+        }
+        signed = self._account.sign_transaction(bumped)
+        tx_hash = "0x" + bytes(signed.hash).hex()
+        try:
+            await self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Web3RPCError as exc:
+            log.info("chain: replacement of nonce %s refused: %s", tx["nonce"], describe(exc))
+            return None
+        self.bumps += 1
+        log.warning(
+            "chain: transaction with nonce %s not mined in %g s; replaced at max fee %s wei (%s)",
+            tx["nonce"],
+            self.bump_after,
+            bumped["maxFeePerGas"],
+            tx_hash,
         )
-        return await self._result(tx_hash, receipt, tx)
+        await on_sent(tx_hash, int(tx["nonce"]))
+        return tx_hash, bumped
 
     async def lookup(self, tx_hash: str) -> TxResult | None:
         """The outcome of an earlier transaction, or None if the chain does not know it (yet)."""
@@ -211,6 +275,10 @@ class ChainSender:
             except Exception as exc:  # the replay is best effort
                 log.debug("could not replay reverted tx %s: %s", tx_hash, describe(exc))
         return TxResult(Outcome.REVERTED, tx_hash, reason, block, ())
+
+
+def _bumped(fee: int) -> int:
+    return int(fee) * (100 + BUMP_PERCENT) // 100 + 1
 
 
 def describe(exc: BaseException) -> str:
