@@ -423,6 +423,10 @@ class NodeWebSocket:
                 "a generation is running on this socket: wait for its end or send stream_cancel",
                 code="generation_in_progress",
             )
+        if job_id is not None and sock.job_id is None:
+            # Only a client the job admits joins its session: a stranger's socket must neither
+            # settle the job when it closes nor hold its settlement off while it stays open.
+            await self.exchange.admit_job(job_id, sock.requester)
         self._attach(sock, job_id)
         generation = _Generation(echo=echo)
         generation.task = asyncio.create_task(

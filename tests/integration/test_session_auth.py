@@ -11,7 +11,8 @@ import pytest
 from eth_account import Account
 
 from sidecar.crypto import HostKey
-from tests.integration.test_chain_e2e import chain_options
+from sidecar.ledger import ClaimKind
+from tests.integration.test_chain_e2e import chain_options, wait_for
 from tests.integration.test_node_e2ee import encrypted_prompt, receive, sealed_init
 from tests.support.tokens import job_token
 
@@ -163,6 +164,45 @@ async def test_sockets_bind_to_the_encrypted_sessions_signer(
             assert end["tokens_used"] == 2
     totals = await sidecar.ledger.job(job)
     assert totals is not None and totals.billable_tokens == 6
+
+
+async def test_a_strangers_socket_does_not_join_the_jobs_session(
+    llama_server, devnet, sidecar_factory, tmp_path
+) -> None:
+    """A plaintext prompt names the job but proves nobody: refused, and the socket does not
+    join the job's session. Had it joined, its close could settle the job, and while open it
+    would hold off the settlement the client's own close asks for."""
+    _, job, sidecar = await sidecar_on_job(llama_server, devnet, sidecar_factory, tmp_path, "bound")
+    host = key_of(devnet.host_account)
+    client = HostKey(os.urandom(32))
+    url = sidecar.url.replace("http", "ws") + "/v1/ws"
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url) as stranger:
+            assert (await receive(stranger))["type"] == "connected"
+            async with http.ws_connect(url) as ws:
+                assert (await receive(ws))["type"] == "connected"
+                _, _, end = await encrypted_prompt(ws, job, 2, host=host, client=client)
+                assert end["tokens_used"] == 2
+                await stranger.send_json(
+                    {
+                        "type": "prompt",
+                        "prompt": "hi",
+                        "max_tokens": 3,
+                        "jobId": str(job),
+                        "id": "s1",
+                    }
+                )
+                refused = await receive(stranger)
+                assert refused["code"] == "authentication_required" and refused["id"] == "s1"
+            # The client's session is over: its job settles though the stranger is still here.
+
+            async def settle_requested() -> bool:
+                return job in await sidecar.ledger.settlement_requests() or any(
+                    c.kind is ClaimKind.SETTLE for c in await sidecar.ledger.claims(job)
+                )
+
+            await wait_for(settle_requested, timeout=10, what="the client's settlement")
+    assert (await sidecar.ledger.job(job)).billable_tokens == 2
 
 
 async def test_depositor_mode_serves_the_depositor_only(
