@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -82,7 +83,7 @@ OnSent = Callable[[str, int], Awaitable[None]]
 def _reason(exc: BaseException) -> str:
     """The contract's reason (Error(string), custom errors, node messages), else the error text:
     the caller classifies it either way."""
-    return revert_reason(exc) or str(exc) or type(exc).__name__
+    return revert_reason(exc) or redact_urls(str(exc)) or type(exc).__name__
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -281,6 +282,17 @@ def _bumped(fee: int) -> int:
     return int(fee) * (100 + BUMP_PERCENT) // 100 + 1
 
 
+# An RPC provider's URL often carries its API key in the path or the query (or a password in
+# the userinfo); aiohttp puts the URL in its errors' text. Only scheme and host are kept.
+_URL = re.compile(r"""(https?|wss?)://(?:[^/@\s'"]*@)?([^/?#\s'"]+)[^\s'"]*""")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL cut to its scheme and host: no key, password, path or query."""
+    return _URL.sub(r"\1://\2/...", text)
+
+
 def describe(exc: BaseException) -> str:
-    text = str(exc)
+    """An error for a log line or an API answer: its type and text, URLs redacted."""
+    text = redact_urls(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -197,7 +197,9 @@ class ClaimWorker:
                     try:  # a ledger row first, as every settlement request
                         await self._ledger.request_settlement(job_id, time.time_ns() // 1_000_000)
                     except Exception as exc:
-                        log.warning("chain: job %s cannot be marked to settle: %s", job_id, exc)
+                        log.warning(
+                            "chain: job %s cannot be marked to settle: %s", job_id, describe(exc)
+                        )
                         continue
                     log.info("chain: job %s idle for %ss: settling", job_id, idle)
                     job.settle_requested = progress.dirty = True

@@ -138,7 +138,7 @@ async def test_responses_api_is_metered_on_llama_server(llama_cpp_server, sideca
             metrics = await resp.text()
     assert view["cached_tokens"] == totals.cached_tokens and view["reasoning_tokens"] == 0
     if totals.cached_tokens:
-        assert f'sidecar_tokens_total{{kind="cached",source="reported"}}' in metrics
+        assert 'sidecar_tokens_total{kind="cached",source="reported"}' in metrics
 
 
 async def test_bill_total_counts_a_streams_prompt_with_the_engines_tokenizer(
