@@ -252,7 +252,9 @@ async def test_two_sockets_for_one_job_share_its_count(llama_server, sidecar_fac
 async def test_malformed_frames_get_errors_and_the_session_goes_on(
     llama_server, sidecar_factory
 ) -> None:
-    sidecar = await sidecar_factory(llama_server.base_url, max_body_bytes=4096, ws_max_message_bytes=4096)
+    sidecar = await sidecar_factory(
+        llama_server.base_url, max_body_bytes=4096, ws_max_message_bytes=4096
+    )
     job = 44
     async with aiohttp.ClientSession() as http:
         async with node_socket(http, sidecar.url) as ws:
