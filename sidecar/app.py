@@ -101,7 +101,13 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         message_burst=2 * settings.ws_messages_per_second,
         host_key=host_key,  # encrypted sessions open to this key
     )
-    proxy = OpenAIProxy(exchange, engine, settings.max_body_bytes, model_names)
+    proxy = OpenAIProxy(
+        exchange,
+        engine,
+        settings.max_body_bytes,
+        model_names,
+        relay_native_generation=settings.relay_native_generation,
+    )
     admin = Admin(ledger, metrics, engine, settings.admin_token, chain, identity)
     # The shells read bodies themselves (with their own limit and an OpenAI-shaped 413).
     app = web.Application(client_max_size=settings.max_body_bytes)

@@ -115,6 +115,12 @@ class Settings:
         secret=True,
         metavar="TOKEN",
     )
+    relay_native_generation: bool = _opt(
+        False,
+        "relay the engine's own generation routes (llama.cpp's /completion, Ollama's "
+        "/api/generate, TGI's /generate...) unmetered; off: they are refused (403), since "
+        "anyone who reaches the port could generate for free",
+    )
     max_body_bytes: int = _opt(
         8 * 1024 * 1024, "largest request body accepted (413 above)", metavar="BYTES"
     )

@@ -29,12 +29,12 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from sidecar.calls import Call
-from sidecar.config import Settings, load_settings
+from sidecar.config import Settings, load_settings, redact_password
 from sidecar.engine import EngineClient
 from sidecar.engine_detect import EngineIdentity
 from sidecar.engine_facts import EngineFacts
 from sidecar.errors import BadRequest, SidecarError
-from sidecar.exchange import METERED_ROUTES, Exchange
+from sidecar.exchange import Exchange
 from sidecar.ledger import Ledger, RecordState, open_ledger
 from sidecar.metering import (
     InvalidJobId,
@@ -48,6 +48,7 @@ from sidecar.metering.usage import usage_from_body
 from sidecar.metrics import Metrics
 from sidecar.models import ModelNames
 from sidecar.shells.headers import JOB_HEADERS, JOB_TOKEN_BEARER
+from sidecar.shells.route_policy import is_native_generation, metered_endpoint
 
 log = logging.getLogger("sidecar.mitm")
 
@@ -101,6 +102,7 @@ class SidecarAddon:
         self.exchange: Exchange | None = None
         self.chain: Any = None  # sidecar.chain.service.ChainService, with a chain
         self.engine_model: Any = None
+        self.relay_native_generation = False
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -111,6 +113,7 @@ class SidecarAddon:
         flags = {"config": ctx.options.sidecar_config} if ctx.options.sidecar_config else {}
         settings = load_settings(flags)
         self.settings = settings
+        self.relay_native_generation = settings.relay_native_generation
         ledger = open_ledger(settings.ledger_url, password=settings.read_ledger_password())
         await ledger.open()
         metrics = Metrics()
@@ -137,7 +140,7 @@ class SidecarAddon:
         names = ModelNames(settings.model_names)
         self.engine_model = names.engine_model if names.configured else None
         self.ledger, self.engine, self.identity = ledger, engine, identity
-        log.info("sidecar metering in mitmproxy: ledger %s", settings.ledger_url)
+        log.info("sidecar metering in mitmproxy: ledger %s", redact_password(settings.ledger_url))
 
     async def done(self) -> None:
         if self.identity is not None:
@@ -154,8 +157,22 @@ class SidecarAddon:
     async def request(self, flow: http.HTTPFlow) -> None:
         exchange = self.exchange
         path = flow.request.path.split("?", 1)[0]
-        endpoint = METERED_ROUTES.get(path) if flow.request.method == "POST" else None
-        if exchange is None or endpoint is None:
+        endpoint = metered_endpoint(path) if flow.request.method == "POST" else None
+        if exchange is None:
+            return
+        if endpoint is None:
+            if is_native_generation(path) and not self.relay_native_generation:
+                refusal = BadRequest(
+                    f"{path} is the engine's own generation route, which this host does not "
+                    "meter and so does not serve; use the OpenAI routes",
+                    code="unmetered_route",
+                    status=403,
+                )
+                flow.response = http.Response.make(
+                    refusal.status,
+                    json.dumps(refusal.openai_body()).encode(),
+                    {"Content-Type": "application/json"},
+                )
             return
         try:
             header_jobs = [(n, v) for n in JOB_HEADERS for v in flow.request.headers.get_all(n)]

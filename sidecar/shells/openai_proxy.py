@@ -1,7 +1,9 @@
 """The OpenAI routes: a reverse proxy that relays every request to the engine and meters answers.
 
-``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` are metered through
-:mod:`sidecar.exchange`; every other path is relayed as is. Invariants:
+``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and ``/v1/responses``
+(and the engines' aliases of them) are metered through :mod:`sidecar.exchange`; the engines' own
+generation routes are refused; every other path is relayed as is
+(:mod:`sidecar.shells.route_policy`). Invariants:
 
 * bytes are relayed as they arrive (never buffered), except a non-stream JSON answer of a metered
   route, which is read whole so its ``usage`` can be recorded before the client gets it;
@@ -23,7 +25,7 @@ from aiohttp import web
 from sidecar.calls import Call
 from sidecar.engine import EngineClient, EngineResponse
 from sidecar.errors import BadRequest, RequestTooLarge, SidecarError, UpstreamBroke, to_response
-from sidecar.exchange import METERED_ROUTES, Exchange
+from sidecar.exchange import Exchange
 from sidecar.metering import Endpoint, InvalidJobId, InvalidRequestBody, prepare_request
 from sidecar.metering.requests import PreparedRequest
 from sidecar.models import ModelNames
@@ -38,6 +40,7 @@ from sidecar.shells.headers import (
     without_job_token,
 )
 from sidecar.shells.http import abort_client, read_body
+from sidecar.shells.route_policy import is_native_generation, metered_endpoint
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -51,8 +54,11 @@ class OpenAIProxy:
         engine: EngineClient,
         max_body_bytes: int,
         model_names: ModelNames,
+        *,
+        relay_native_generation: bool = False,
     ) -> None:
         self.exchange = exchange
+        self.relay_native_generation = relay_native_generation
         # With --model, a request's model name is mapped to the engine's (and an unknown one
         # refused); without, the engine judges the names it is sent.
         self.engine_model = model_names.engine_model if model_names.configured else None
@@ -63,8 +69,17 @@ class OpenAIProxy:
         """Every route the sidecar does not answer itself."""
         try:
             body = await read_body(request, self.max_body_bytes)
-            endpoint = METERED_ROUTES.get(request.path) if request.method == "POST" else None
+            endpoint = metered_endpoint(request.path) if request.method == "POST" else None
             if endpoint is None:
+                if not self.relay_native_generation and is_native_generation(request.path):
+                    raise BadRequest(
+                        f"{request.path} is the engine's own generation route, which this "
+                        "host does not meter and so does not serve; use the OpenAI routes "
+                        "(/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses)",
+                        code="unmetered_route",
+                        status=403,
+                        param=None,
+                    )
                 return await self._relay(request, body)
             return await self._metered(request, endpoint, body)
         except (BadRequest, RequestTooLarge) as exc:

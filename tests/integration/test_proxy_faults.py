@@ -284,6 +284,28 @@ async def test_unmetered_routes_are_relayed(sidecar_factory, faulty_upstream) ->
     assert await sidecar.ledger.jobs() == []
 
 
+async def test_engine_generation_aliases_are_metered_and_native_routes_refused(
+    sidecar_factory, faulty_upstream
+) -> None:
+    sidecar = await sidecar_factory(faulty_upstream.url)
+    async with aiohttp.ClientSession() as client:
+        # An engine's alias of an OpenAI route is metered as that route.
+        body = {"model": "m", "max_tokens": 3, "job_id": 71}
+        async with client.post(sidecar.url + "/chat/completions", json=body) as resp:
+            assert resp.status == 200
+        # The engine's own formats cannot be metered: refused, never relayed for free.
+        for path in ("/completion", "/api/generate", "/generate", "/v1/messages", "/infill"):
+            async with client.post(sidecar.url + path, json={"prompt": "x"}) as resp:
+                assert resp.status == 403, path
+                assert_openai_error(await resp.json(), "unmetered_route")
+    assert [r.completion_tokens for r in await sidecar.ledger.records(71)] == [3]
+    assert faulty_upstream.requests[-1]["model"] == "m"  # nothing else reached the engine
+    relaying = await sidecar_factory(faulty_upstream.url, relay_native_generation=True)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(relaying.url + "/completion", json={"prompt": "x"}) as resp:
+            assert resp.status == 404  # relayed: FaultyUpstream has no such route
+
+
 async def test_nothing_is_served_unrecorded_when_the_ledger_fails(
     sidecar_factory, faulty_upstream, tmp_path
 ) -> None:
