@@ -95,6 +95,7 @@ class SSEDecoder:
         "_event",
         "_fed",
         "_head",
+        "_fast_max",
         "_idle",
         "_max",
         "_on_oversized",
@@ -114,6 +115,7 @@ class SSEDecoder:
         if max_event_bytes <= 0:
             raise ValueError("max_event_bytes must be positive")
         self._max = max_event_bytes
+        self._fast_max = max_event_bytes + 1  # a whole "data: ...\n\n" read: block + blank line
         self._on_oversized = on_oversized
         self._skipping = False  # the open block crossed the bound: drop it at its blank line
         self.oversized = 0
@@ -159,7 +161,7 @@ class SSEDecoder:
             n = len(data)
             if (
                 data.startswith(b"data: ")
-                and self._fed + n - 1 - self._block_start <= self._max
+                and n <= self._fast_max
                 and data.find(b"\n", 6) == n - 2
                 and data[n - 1] == _LF
                 and _CR not in data  # int in bytes is a bare memchr: much cheaper than b"\r"
@@ -186,6 +188,9 @@ class SSEDecoder:
                 or self._cr
                 or self._skipping
                 or self._head is not None
+                # Lines that left no state (a comment) still began the block: its size is
+                # then more than one read's, which only the general path measures.
+                or self._block_start != self._fed
             )
         return events
 
