@@ -11,9 +11,11 @@ must know about each engine (its usage dialect) is :mod:`sidecar.metering.dialec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -40,11 +42,21 @@ class EngineResponse:
     :class:`~sidecar.errors.UpstreamBroke`; :meth:`close` drops the connection, which makes the
     engine stop generating."""
 
-    __slots__ = ("_origin", "_response")
+    __slots__ = ("_origin", "_response", "_watchdog")
 
-    def __init__(self, response: aiohttp.ClientResponse, origin: str) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        origin: str,
+        watchdog: IdleWatchdog | None = None,
+    ) -> None:
         self._response = response
         self._origin = origin  # the engine's base URL, for messages
+        self._watchdog = watchdog  # cuts the stream when it goes quiet (event streams only)
+
+    @property
+    def origin(self) -> str:
+        return self._origin
 
     @property
     def status(self) -> int:
@@ -66,13 +78,14 @@ class EngineResponse:
     def is_event_stream(self) -> bool:
         """A successful ``text/event-stream`` answer: the body is a stream to meter chunk by
         chunk (an error answer is read whole, whatever its type)."""
-        return self.status < 300 and self.headers.get("Content-Type", "").startswith(
-            "text/event-stream"
-        )
+        return self.status < 300 and _is_event_stream(self._response)
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive (never re-chunked)."""
-        return _Chunks(self._response.content.iter_any(), self)
+        chunks = _Chunks(self._response.content.iter_any(), self)
+        if self._watchdog is not None:
+            self._watchdog.watch(chunks)
+        return chunks
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -107,22 +120,90 @@ class EngineResponse:
 
 class _Chunks:
     """An answer's chunks with breaks mapped to UpstreamBroke. An iterator object rather than an
-    async generator: every open stream holds one, and this one is a few dozen bytes."""
+    async generator: every open stream holds one, and this one is a few dozen bytes.
 
-    __slots__ = ("_inner", "_response")
+    ``reads`` counts the chunks: the :class:`IdleWatchdog` compares it between its rounds, which
+    costs a stream one increment per read instead of a timer rescheduled on every read."""
+
+    __slots__ = ("__weakref__", "_inner", "_response", "idle_cut", "quiet_since", "reads", "seen")
 
     def __init__(self, inner: AsyncIterator[bytes], response: EngineResponse) -> None:
         self._inner = inner
         self._response = response
+        self.reads = 0
+        self.seen = -1  # reads at the watchdog's last round
+        self.quiet_since = 0.0
+        self.idle_cut: float | None = None  # seconds of silence it was cut after
 
     def __aiter__(self) -> _Chunks:
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            return await self._inner.__anext__()
-        except _BREAKS as exc:
-            raise self._response.broke(exc) from exc
+            chunk = await self._inner.__anext__()
+        except StopAsyncIteration:
+            raise
+        except (*_BREAKS, aiohttp.ClientError) as exc:
+            if self.idle_cut is not None:
+                raise UpstreamBroke(
+                    f"the engine at {self._response.origin} sent nothing for "
+                    f"{self.idle_cut:g} s (--upstream-idle-timeout); the stream was cut"
+                ) from exc
+            if isinstance(exc, _BREAKS):
+                raise self._response.broke(exc) from exc
+            raise
+        self.reads += 1
+        return chunk
+
+    def cut(self, idle_s: float) -> None:
+        self.idle_cut = idle_s
+        self._response.close()
+
+
+class IdleWatchdog:
+    """Cuts event streams that go ``idle_s`` seconds without a byte from the engine.
+
+    One task for all streams wakes every ``min(1, idle_s / 4)`` seconds and compares each
+    stream's read count with the last round's; a stream whose count did not move for ``idle_s``
+    is closed, and its reader gets an :class:`~sidecar.errors.UpstreamBroke` saying why. A cut
+    comes between ``idle_s`` and ``idle_s`` plus one round after the last byte.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.round_s = min(1.0, idle_s / 4)
+        self._streams: weakref.WeakSet[_Chunks] = weakref.WeakSet()
+        self._task: asyncio.Task[None] | None = None
+        self.cuts = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="sidecar-idle")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def watch(self, chunks: _Chunks) -> None:
+        chunks.quiet_since = asyncio.get_running_loop().time()
+        self._streams.add(chunks)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.round_s)
+            now = loop.time()
+            for chunks in list(self._streams):
+                if chunks.reads != chunks.seen:
+                    chunks.seen = chunks.reads
+                    chunks.quiet_since = now
+                elif now - chunks.quiet_since >= self.idle_s and chunks.idle_cut is None:
+                    self.cuts += 1
+                    log.warning("engine stream sent nothing for %g s: cut", self.idle_s)
+                    chunks.cut(self.idle_s)
+                    self._streams.discard(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +238,7 @@ class EngineClient:
         self.connect_timeout = connect_timeout
         self.first_byte_timeout = first_byte_timeout  # to the headers (a JSON answer: all of it)
         self.idle_timeout = idle_timeout  # between two reads of a streamed answer
+        self._watchdog = IdleWatchdog(idle_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._models: tuple[float, tuple[str, ...]] | None = None
 
@@ -168,8 +250,10 @@ class EngineClient:
             # Send only the client's own headers: no User-Agent, Accept or compression of ours.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
+        self._watchdog.start()
 
     async def close(self) -> None:
+        await self._watchdog.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -196,22 +280,24 @@ class EngineClient:
                 headers=headers,
                 allow_redirects=False,
                 # aiohttp's read timeout runs from the request to the first byte and between
-                # reads after: the first-byte bound until the headers, the idle bound after them
-                # for a stream (set below). One timer per read, which aiohttp keeps anyway.
+                # reads after: the first-byte bound until the headers (and for the whole of a
+                # JSON answer, read in a few reads). A stream drops it below.
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=self.connect_timeout, sock_read=self.first_byte_timeout
                 ),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise self.unreachable(exc) from exc
-        answer = EngineResponse(response, self.base_url)
-        if answer.is_event_stream:
-            connection = response.connection
-            protocol = None if connection is None else connection.protocol
-            if protocol is not None:
-                protocol.read_timeout = self.idle_timeout
-                protocol.start_timeout()  # from now: the body may have come with the headers
-        return answer
+        if not (response.status < 300 and _is_event_stream(response)):
+            return EngineResponse(response, self.base_url)
+        # A stream: no read timer from here on (aiohttp would reschedule one on every read,
+        # that is every token); the watchdog looks after its silence instead.
+        connection = response.connection
+        protocol = None if connection is None else connection.protocol
+        if protocol is not None:
+            protocol.read_timeout = None
+            protocol.start_timeout()  # drops the first-byte timer
+        return EngineResponse(response, self.base_url, self._watchdog)
 
     async def post_json(self, path: str, body: bytes) -> EngineResponse:
         return await self.request("POST", path, body, {"Content-Type": "application/json"})
@@ -254,6 +340,10 @@ class EngineClient:
         if models:
             self._models = (time.monotonic(), models)
         return EngineHealth(status < 500, status, models, _elapsed_ms(started))
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get("Content-Type", "").startswith("text/event-stream")
 
 
 def _model_ids(raw: bytes) -> tuple[str, ...]:
