@@ -47,6 +47,13 @@ from sidecar.ledger.base import (
     UsageRecord,
 )
 from sidecar.ledger.lease import SubmitterLease
+from sidecar.ledger.pg_queries import (
+    CLAIM_ORDER,
+    SELECT_CLAIM,
+    SELECT_RECORD,
+    TOTALS,
+    UPSERT,
+)
 from sidecar.ledger.pg_schema import (
     LOCK_JOB_HOLDS,
     LOCK_REPLICA,
@@ -55,7 +62,6 @@ from sidecar.ledger.pg_schema import (
 )
 from sidecar.ledger.rows import (
     CLAIM_COLUMNS,
-    RECORD_COLUMNS,
     RecordRow,
     claim_from_row,
     claim_row,
@@ -74,56 +80,6 @@ DEFAULT_HOLD_TTL_MS: Final = 15 * 60 * 1000  # a hold outlives no request; a dea
 PRESENCE_CHECK_S: Final = 5.0
 
 _Conn = psycopg.AsyncConnection[tuple[Any, ...]]
-
-_SELECT_RECORD: Final = RECORD_COLUMNS.replace("job_id", "job_id::text AS job_text")
-_SELECT_CLAIM: Final = CLAIM_COLUMNS.replace("job_id", "job_id::text AS job_text")
-_VALUES: Final = ", ".join(
-    "%s::numeric" if column.strip() == "job_id" else "%s" for column in RECORD_COLUMNS.split(",")
-)
-
-# Only an open row may change (a replayed final record is a no-op); started_ms and replica keep
-# their first values.
-_UPSERT: Final = f"""
-INSERT INTO usage_records ({RECORD_COLUMNS}, replica) VALUES ({_VALUES}, %s)
-ON CONFLICT (key) DO UPDATE SET
-    job_id = EXCLUDED.job_id,
-    endpoint = EXCLUDED.endpoint,
-    model = EXCLUDED.model,
-    prompt_tokens = EXCLUDED.prompt_tokens,
-    completion_tokens = EXCLUDED.completion_tokens,
-    billable_tokens = EXCLUDED.billable_tokens,
-    source = EXCLUDED.source,
-    state = EXCLUDED.state,
-    status = EXCLUDED.status,
-    updated_ms = EXCLUDED.updated_ms,
-    cached_tokens = EXCLUDED.cached_tokens,
-    reasoning_tokens = EXCLUDED.reasoning_tokens
-WHERE usage_records.state = 'open'
-"""
-
-_TOTALS: Final = """
-SELECT job_id::text AS job_text, SUM(n), SUM(open_n), SUM(prompt), SUM(completion), SUM(billable),
-       json_object_agg(source, billable)::text, MIN(first_ms), MAX(last_ms), SUM(cached),
-       SUM(reasoning)
-FROM (
-    SELECT job_id, source,
-           COUNT(*) AS n,
-           COUNT(*) FILTER (WHERE state = 'open') AS open_n,
-           COALESCE(SUM(prompt_tokens), 0) AS prompt,
-           SUM(completion_tokens) AS completion,
-           SUM(billable_tokens) AS billable,
-           MIN(started_ms) AS first_ms,
-           MAX(updated_ms) AS last_ms,
-           COALESCE(SUM(cached_tokens), 0) AS cached,
-           COALESCE(SUM(reasoning_tokens), 0) AS reasoning
-    FROM usage_records
-    {where}
-    GROUP BY job_id, source
-) AS per_source
-GROUP BY job_id
-ORDER BY job_id NULLS LAST
-"""
-_CLAIM_ORDER: Final = "ORDER BY job_id, seq"
 
 # A record's fault, not the database's: such a batch is retried record by record, so one bad
 # record cannot fail its neighbours. Anything else (connection, disk) fails the whole batch.
@@ -375,7 +331,7 @@ class PostgresLedger(Ledger):
             if conn is None or conn.closed or conn.broken:
                 conn = self._blocking_conn = psycopg.connect(self.url, **self._connect_kwargs)
             with conn.transaction():
-                conn.execute(_UPSERT.encode(), params)
+                conn.execute(UPSERT.encode(), params)
 
     async def flush(self) -> None:
         if not self._opened or self._closed:
@@ -450,7 +406,7 @@ class PostgresLedger(Ledger):
             raise pg_errors.OperationalError(f"ledger {self!r} unreachable: {exc}") from None
         params = [_params(row, self.replica) for row in rows]
         async with conn.transaction(), conn.cursor() as cursor:
-            await cursor.executemany(_UPSERT.encode(), params)
+            await cursor.executemany(UPSERT.encode(), params)
 
     async def _live_writer(self) -> _Conn:
         conn = self._write_conn
@@ -463,9 +419,9 @@ class PostgresLedger(Ledger):
     async def job(self, job_id: int | None) -> JobTotals | None:
         text = job_text(job_id)
         if text is None:
-            rows = await self._read(_TOTALS.format(where="WHERE job_id IS NULL"))
+            rows = await self._read(TOTALS.format(where="WHERE job_id IS NULL"))
         else:
-            rows = await self._read(_TOTALS.format(where="WHERE job_id = %s::numeric"), (text,))
+            rows = await self._read(TOTALS.format(where="WHERE job_id = %s::numeric"), (text,))
         return totals_from_row(rows[0]) if rows else None
 
     async def job_tokens(self, job_id: int) -> int:
@@ -480,13 +436,13 @@ class PostgresLedger(Ledger):
         return {int(job): int(tokens) for job, tokens in rows}
 
     async def jobs(self) -> list[JobTotals]:
-        return [totals_from_row(row) for row in await self._read(_TOTALS.format(where=""))]
+        return [totals_from_row(row) for row in await self._read(TOTALS.format(where=""))]
 
     async def records(self, job_id: int | None) -> list[UsageRecord]:
         text = job_text(job_id)
         where = "job_id IS NULL" if text is None else "job_id = %s::numeric"
         rows = await self._read(
-            f"SELECT {_SELECT_RECORD} FROM usage_records WHERE {where} ORDER BY started_ms, seq",
+            f"SELECT {SELECT_RECORD} FROM usage_records WHERE {where} ORDER BY started_ms, seq",
             () if text is None else (text,),
         )
         return [record_from_row(row) for row in rows]
@@ -506,7 +462,7 @@ class PostgresLedger(Ledger):
             if await cursor.fetchone() is not None:
                 return None
             cursor = await conn.execute(
-                f"SELECT {_SELECT_CLAIM} FROM claims WHERE job_id = %s::numeric AND seq = %s",
+                f"SELECT {SELECT_CLAIM} FROM claims WHERE job_id = %s::numeric AND seq = %s",
                 (row[0], row[1]),
             )
             existing = await cursor.fetchone()
@@ -552,17 +508,17 @@ class PostgresLedger(Ledger):
 
     async def claims(self, job_id: int | None = None) -> list[Claim]:
         if job_id is None:
-            rows = await self._read(f"SELECT {_SELECT_CLAIM} FROM claims {_CLAIM_ORDER}")
+            rows = await self._read(f"SELECT {SELECT_CLAIM} FROM claims {CLAIM_ORDER}")
         else:
             rows = await self._read(
-                f"SELECT {_SELECT_CLAIM} FROM claims WHERE job_id = %s::numeric {_CLAIM_ORDER}",
+                f"SELECT {SELECT_CLAIM} FROM claims WHERE job_id = %s::numeric {CLAIM_ORDER}",
                 (job_text(job_id),),
             )
         return [claim_from_row(row) for row in rows]
 
     async def unfinished_claims(self) -> list[Claim]:
         rows = await self._read(
-            f"SELECT {_SELECT_CLAIM} FROM claims WHERE state IN ('pending', 'sent') {_CLAIM_ORDER}"
+            f"SELECT {SELECT_CLAIM} FROM claims WHERE state IN ('pending', 'sent') {CLAIM_ORDER}"
         )
         return [claim_from_row(row) for row in rows]
 
