@@ -20,7 +20,7 @@ DEVCHAIN := devchain
 DEVCHAIN_INSTALLED := $(DEVCHAIN)/node_modules/.package-lock.json
 DEVCHAIN_BUILT := $(DEVCHAIN)/build/.compiled
 
-.PHONY: demo test lint format bench clean install devchain mitm postgres deploy-tools
+.PHONY: demo test lint format bench clean install devchain mitm postgres deploy-tools fuzz
 
 install: $(STAMP)
 
@@ -84,6 +84,24 @@ deploy-tools: $(DEPLOY_TOOLS)
 
 test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP) $(PG_CTL) $(DEPLOY_TOOLS)
 	$(BIN)/python -m pytest
+
+# The fuzz campaign at length (`make test` runs it short: FUZZ_EXAMPLES=10000 hypothesis inputs
+# and 10,000 atheris runs per target): each atheris harness for FUZZ_SECONDS from its seeds (what
+# it finds kept in var/fuzz/TARGET/corpus, a crash's input saved as var/fuzz/TARGET/crash-*),
+# then every hypothesis target with FUZZ_EXAMPLES inputs (no per-test timeout: ~6 min a target).
+FUZZ_SECONDS ?= 60
+FUZZ_EXAMPLES ?= 100000
+FUZZ_TARGETS := $(patsubst fuzz/fuzz_%.py,%,$(wildcard fuzz/fuzz_*.py))
+
+fuzz: $(STAMP)
+	@set -e; for target in $(FUZZ_TARGETS); do \
+		echo "== atheris: $$target, $(FUZZ_SECONDS) s"; \
+		mkdir -p var/fuzz/$$target/corpus; \
+		$(BIN)/python fuzz/fuzz_$$target.py var/fuzz/$$target/corpus fuzz/corpus/$$target \
+			-dict=fuzz/sidecar.dict -max_len=4096 -timeout=60 -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=var/fuzz/$$target/ -print_final_stats=1; \
+	done
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz --ignore=tests/fuzz/test_atheris.py --timeout=0 -q
 
 # ruff, then the type checker over sidecar/ and devtools/ (settings: pyproject.toml [tool.mypy]).
 lint: $(STAMP)

@@ -294,8 +294,11 @@ class Settings:
     @property
     def listen_host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ConfigError(f"--listen must be HOST:PORT, got {self.listen!r}")
+        # isdigit() alone takes "²" and other Unicode digits; a port is at most 5 ASCII ones.
+        if not sep or not host or not (port.isascii() and port.isdigit() and len(port) <= 5):
+            raise ConfigError(f"--listen must be HOST:PORT, got {_short(self.listen)}")
+        if int(port) > 65535:
+            raise ConfigError(f"--listen: port {port} is above 65535")
         return host.strip("[]"), int(port)
 
     def describe(self) -> dict[str, Any]:
@@ -323,11 +326,20 @@ def redact_password(url: str) -> str:
 
 def redact_url(url: str) -> str:
     """scheme://host[:port] only: RPC providers put API keys in the path, query or user info."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a malformed URL (a bad port, a broken IPv6 address): show nothing of it
+        return "(a malformed URL)"
     hidden = "/***" if (parts.path.strip("/") or parts.query or parts.username) else ""
     return f"{parts.scheme}://{host}{port}{hidden}"
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """A value for an error message, cut short (a fuzzer's 5000 digits are not a message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _field_type(f: Any) -> type:
@@ -355,10 +367,14 @@ def _coerce(name: str, raw: Any, kind: type, origin: str) -> Any:
     if kind is int:
         if isinstance(raw, bool):
             raise ConfigError(f"{name} from {origin}: expected an integer, got {raw!r}")
+        if isinstance(raw, float) and not raw.is_integer():  # inf, nan and 1.5 alike
+            raise ConfigError(f"{name} from {origin}: expected an integer, got {raw!r}")
         try:
             return int(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} from {origin}: expected an integer, got {raw!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(
+                f"{name} from {origin}: expected an integer, got {_short(raw)}"
+            ) from None
     if kind is tuple:
         # The environment says "a,b"; a TOML file says ["a", "b"] (or "a,b").
         items = raw.split(",") if isinstance(raw, str) else raw
@@ -446,9 +462,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     table = data.get("sidecar", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [sidecar] must be a table of options")
     known = {f.name: f for f in fields(Settings)}
     values: dict[str, Any] = {}
     for raw_key, raw in table.items():
@@ -491,7 +513,16 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--upstream-connect-timeout must be positive")
     if settings.rpc_url is not None:
         if not settings.rpc_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--rpc-url must be an http(s) URL, got {settings.rpc_url!r}")
+            # Not echoed: an RPC URL may carry the provider's key.
+            raise ConfigError(
+                f"--rpc-url must be an http(s) URL, got {redact_url(settings.rpc_url)}"
+            )
+        try:
+            if not urlsplit(settings.rpc_url).hostname:
+                raise ValueError("no host")
+            urlsplit(settings.rpc_url).port  # noqa: B018 - raises ValueError when malformed
+        except ValueError:
+            raise ConfigError("--rpc-url is not a valid URL (its host or port)") from None
         if settings.chain_id is None:
             raise ConfigError("--chain-id is required with --rpc-url")
         if not settings.marketplace:

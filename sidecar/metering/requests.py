@@ -10,6 +10,7 @@ and the relay must strip the usage-only chunk the client did not ask for (Stream
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,9 @@ def _parse_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequestBody(
             f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except ValueError:
+        # The one other ValueError json raises: int() refuses a number of over 4300 digits.
+        raise InvalidRequestBody("request body has a number too long to parse") from None
     if type(body) is not dict:
         raise InvalidRequestBody(f"request body must be a JSON object, got {_kind(body)}")
     return body
@@ -179,9 +183,20 @@ def _kind(value: object) -> str:
     return "a string" if isinstance(value, str) else "an array"
 
 
+# An escaped ASCII letter or "_" in a string ("job\u005fid" is "job_id"): a key written so
+# is not found by its plain bytes.
+_ESCAPED_ASCII = re.compile(rb"\\u00[4-7]")
+
+
 def _has_duplicate_keys(raw: bytes) -> bool:
-    """Cheap test: might a job field appear twice? (Only then is a slower parse needed.)"""
-    return any(raw.count(b'"' + key.encode() + b'"') > 1 for key in JOB_BODY_FIELDS)
+    """Cheap test: might a job field appear twice? (Only then is a slower parse needed.) Also
+    true when a key may be written with escapes, or the body is UTF-16 or UTF-32, which
+    json.loads reads too (their NUL bytes tell them apart: UTF-8 JSON has none)."""
+    return (
+        any(raw.count(b'"' + key.encode() + b'"') > 1 for key in JOB_BODY_FIELDS)
+        or b"\x00" in raw
+        or _ESCAPED_ASCII.search(raw) is not None
+    )
 
 
 def _duplicate_job_fields(raw: bytes) -> list[tuple[str, object]]:

@@ -168,7 +168,8 @@ class ReplySealer:
         return {"type": "encrypted_response", "payload": payload}
 
     def _box(self, text: str, aad: bytes) -> dict[str, Any]:
-        nonce, box = crypto.seal(self._key, text.encode("utf-8"), aad)
+        # An engine's JSON may hold a lone surrogate ("\ud800"), which UTF-8 cannot carry.
+        nonce, box = crypto.seal(self._key, text.encode("utf-8", "replace"), aad)
         return {
             "ciphertextHex": box.hex(),
             "nonceHex": nonce.hex(),

@@ -81,7 +81,8 @@ def chain_id_of(obj: dict[str, Any]) -> int | None:
     value = obj.get("chain_id", obj.get("chainId"))
     if value is None:
         return None
-    if type(value) is str and value.isascii() and value.isdigit():
+    # A uint256 has at most 78 digits (and int() refuses over 4300: a ValueError, not ours).
+    if type(value) is str and value.isascii() and value.isdigit() and len(value) <= 78:
         return int(value)
     if type(value) is not int or value < 0:
         raise BadRequest(f"chain_id must be an integer, got {show(value)}", param="chain_id")
@@ -228,15 +229,20 @@ class TokenLimitExceeded(BadRequest):
 
 
 # Engines' words for a prompt over the window (in an error answer): OpenAI's, which
-# llama-cpp-python and vLLM use, and llama.cpp's.
+# llama-cpp-python and vLLM use, and llama.cpp's. Counts of at most 20 digits: int() refuses
+# over 4300, and no window is longer.
 _ENGINE_LIMIT = (
     re.compile(
-        r"maximum context length is (?P<window>\d+) tokens.*?"
-        r"\((?P<prompt>\d+) in (?:your prompt|the messages)"
+        r"maximum context length is (?P<window>\d{1,20}) tokens.*?"
+        r"\((?P<prompt>\d{1,20}) in (?:your prompt|the messages)"
     ),
-    re.compile(r"Requested tokens \((?P<prompt>\d+)\) exceed context window of (?P<window>\d+)"),
     re.compile(
-        r"\((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<window>\d+) tokens\)"
+        r"Requested tokens \((?P<prompt>\d{1,20})\) exceed context window of "
+        r"(?P<window>\d{1,20})(?!\d)"
+    ),
+    re.compile(
+        r"\((?P<prompt>\d{1,20}) tokens\) exceeds the available context size "
+        r"\((?P<window>\d{1,20}) tokens\)"
     ),
 )
 
