@@ -171,6 +171,10 @@ class ChainService:
                 chain_id,
                 bump_after=float(settings.fee_bump_after),
                 max_bumps=settings.max_fee_bumps,
+                # Long enough for every bump to have its turn, and the last its own wait.
+                receipt_timeout=max(
+                    120.0, float(settings.fee_bump_after) * (settings.max_fee_bumps + 2)
+                ),
             ),
             address=address,
             chain_id=chain_id,

@@ -117,7 +117,13 @@ class SidecarAddon:
         ledger = open_ledger(settings.ledger_url, password=settings.read_ledger_password())
         await ledger.open()
         metrics = Metrics()
-        engine = EngineClient(settings.upstream, metrics)
+        engine = EngineClient(
+            settings.upstream,
+            metrics,
+            connect_timeout=settings.upstream_connect_timeout,
+            first_byte_timeout=settings.upstream_first_byte_timeout,
+            idle_timeout=settings.upstream_idle_timeout,
+        )
         await engine.start()
         identity = EngineIdentity(settings.engine)
         await identity.start(engine)
@@ -162,6 +168,7 @@ class SidecarAddon:
             return
         if endpoint is None:
             if is_native_generation(path) and not self.relay_native_generation:
+                exchange.metrics.rejected.labels("unmetered_route").inc()
                 refusal = BadRequest(
                     f"{path} is the engine's own generation route, which this host does not "
                     "meter and so does not serve; use the OpenAI routes",

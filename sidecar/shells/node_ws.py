@@ -185,9 +185,8 @@ class NodeWebSocket:
 
     async def _too_fast(self, sock: _Socket, rate: MessageRate, now: float) -> None:
         """A message over the socket's rate: dropped unread; the client told once a second."""
+        self.exchange.metrics.rejected.labels("rate_limited").inc()
         if rate.should_warn(now):
-            self.exchange.metrics.rejected.labels("rate_limited").inc(rate.dropped)
-            rate.dropped = 0
             log.info("websocket of job %s sends too fast: messages dropped", sock.job_id)
             await sock.error(
                 "RATE_LIMITED",
@@ -202,7 +201,7 @@ class NodeWebSocket:
             await sock.error("binary_not_supported", "send messages as JSON text frames", {})
             return True
         if msg.type is WSMsgType.ERROR:
-            # aiohttp closes the socket itself (1009 for a message over --max-body-bytes).
+            # aiohttp closes the socket itself (1009 for a message over --ws-max-message-bytes).
             log.info("websocket of job %s failed: %s", sock.job_id, sock.ws.exception())
             return False
         if msg.type is not WSMsgType.TEXT:

@@ -62,6 +62,8 @@ NATIVE_GENERATION = frozenset(
 
 def metered_endpoint(path: str) -> Endpoint | None:
     """The metered route ``path`` is, or an alias of; None for every other path."""
+    if path.endswith("/") and len(path) > 1:
+        path = path.rstrip("/")  # an engine that serves "/v1/chat/completions/" is metered too
     endpoint = METERED_ROUTES.get(path)
     if endpoint is not None:
         return endpoint
