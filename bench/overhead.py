@@ -677,6 +677,12 @@ class Cluster:
             f"{HOST}:{port}",
             "--ledger",
             self.ledger_url,
+            # The memory phase opens 1,000 streams over four jobs: above the default bounds
+            # (32 streams a job, 1,024 connections), which this bench does not measure.
+            "--max-streams-per-job",
+            "100000",
+            "--max-connections",
+            "100000",
         ]
         child = start_child(
             f"sidecar-{self.sidecar_starts}", pin(1 if PINNED else None, argv), self.workdir
