@@ -148,6 +148,13 @@ class MarketplaceIdentity:
     def __str__(self) -> str:
         return f"{self.contract_version} marketplace {self.marketplace} on chain {self.chain_id}"
 
+    def as_json(self) -> dict[str, object]:
+        return {
+            "chain_id": self.chain_id,
+            "marketplace": self.marketplace,
+            "contract_version": self.contract_version,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class JobTotals:

@@ -124,6 +124,13 @@ class Admin:
             chain = await self.chain.health()
             body["chain"] = chain
             healthy = healthy and bool(chain["reachable"])
+        try:
+            bound = await self.ledger.marketplace()
+        except Exception:  # the ledger's own health is the readiness probe's; say unknown here
+            body["ledger"] = {"marketplace": "unknown"}
+        else:
+            # The marketplace whose jobs the ledger holds (None: never started with a chain).
+            body["ledger"] = {"marketplace": None if bound is None else bound.as_json()}
         body["status"] = "ok" if healthy else "degraded"
         return web.json_response(body)
 

@@ -112,6 +112,11 @@ async def test_v1_claims_and_settles_exactly(llama_server, devnet, sidecar_facto
         async with http.get(f"{sidecar.url}/metrics") as resp:
             metrics = await resp.text()
     assert health["status"] == "ok" and health["chain"]["reachable"] is True
+    assert health["ledger"]["marketplace"] == {
+        "chain_id": devnet.chain_id,
+        "marketplace": deployment.marketplace.lower(),
+        "contract_version": "v1",
+    }
     assert int(health["chain"]["host_balance_wei"]) > 0
     assert health["chain"]["unfinished_claims"] == 0
     assert view["tokens_confirmed"] == 250 and view["tokens_unclaimable"] == 42
