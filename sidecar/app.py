@@ -108,7 +108,7 @@ def build_app(settings: Settings, ledger: Ledger | None = None) -> web.Applicati
         model_names,
         relay_native_generation=settings.relay_native_generation,
     )
-    admin = Admin(ledger, metrics, engine, settings.admin_token, chain, identity)
+    admin = Admin(ledger, metrics, engine, settings.read_admin_token(), chain, identity)
     # The shells read bodies themselves (with their own limit and an OpenAI-shaped 413).
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[LEDGER_KEY] = ledger

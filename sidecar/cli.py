@@ -245,8 +245,9 @@ def _settle(settings: Settings, job: str) -> int:
         host = "127.0.0.1"
     url = f"http://{host}:{port}/sidecar/jobs/{job_id}/settle"
     request = urllib.request.Request(url, method="POST", data=b"")
-    if settings.admin_token:
-        request.add_header("Authorization", f"Bearer {settings.admin_token}")
+    token = settings.read_admin_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
             print(json.loads(resp.read())["settlement"])

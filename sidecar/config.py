@@ -121,6 +121,12 @@ class Settings:
         "/api/generate, TGI's /generate...) unmetered; off: they are refused (403), since "
         "anyone who reaches the port could generate for free",
     )
+    admin_token_file: str | None = _opt(
+        None,
+        "file holding the admin token (keeps it out of the command line, which every local "
+        "user can read in ps; a compose secret)",
+        metavar="PATH",
+    )
     max_body_bytes: int = _opt(
         8 * 1024 * 1024, "largest request body accepted (413 above)", metavar="BYTES"
     )
@@ -270,6 +276,25 @@ class Settings:
                 f"cannot read the ledger password file {self.ledger_password_file}: {exc.strerror}"
             ) from None
         return text.strip()
+
+    def read_admin_token(self) -> str | None:
+        """The admin token, from --admin-token or --admin-token-file (None: the admin routes
+        are open). Errors name the file, never the token."""
+        if self.admin_token:
+            return self.admin_token
+        if not self.admin_token_file:
+            return None
+        try:
+            text = Path(self.admin_token_file).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"cannot read the admin token file {self.admin_token_file}: {reason}"
+            ) from None
+        token = text.strip()
+        if not token:
+            raise ConfigError(f"the admin token file {self.admin_token_file} is empty")
+        return token
 
     @property
     def session_auth_mode(self) -> str:

@@ -233,8 +233,16 @@ async def test_non_stream_without_usage_is_estimated(sidecar_factory, faulty_ups
     assert unusable.completion_tokens == 0
 
 
-async def test_admin_token_guards_admin_routes_only(sidecar_factory, faulty_upstream) -> None:
-    sidecar = await sidecar_factory(faulty_upstream.url, admin_token="s3cret-token")
+@pytest.mark.parametrize("from_file", [False, True], ids=["flag", "file"])
+async def test_admin_token_guards_admin_routes_only(
+    sidecar_factory, faulty_upstream, tmp_path, from_file: bool
+) -> None:
+    if from_file:  # --admin-token-file: the token stays out of the command line
+        secret = tmp_path / "admin_token"
+        secret.write_text("s3cret-token\n")
+        sidecar = await sidecar_factory(faulty_upstream.url, admin_token_file=str(secret))
+    else:
+        sidecar = await sidecar_factory(faulty_upstream.url, admin_token="s3cret-token")
     async with aiohttp.ClientSession() as client:
         async with client.post(
             sidecar.url + CHAT, json={"model": "m", "max_tokens": 4, "job_id": "12"}

@@ -177,3 +177,18 @@ def test_session_auth_defaults_to_bound_with_a_chain() -> None:
         load_settings(flags("--session-auth", "depositor"), {})
     with pytest.raises(SystemExit):
         flags("--session-auth", "anyone")
+
+
+def test_the_admin_token_from_a_file(tmp_path) -> None:
+    secret = tmp_path / "admin_token"
+    secret.write_text("s3cret-t0ken\n")
+    settings = load_settings({"admin_token_file": str(secret)}, {})
+    assert settings.read_admin_token() == "s3cret-t0ken"
+    assert load_settings({}, {}).read_admin_token() is None
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings({"admin_token_file": str(secret)}, {}).read_admin_token()
+    missing = load_settings({"admin_token_file": str(tmp_path / "nope")}, {})
+    with pytest.raises(ConfigError, match="cannot read the admin token file") as info:
+        missing.read_admin_token()
+    assert "s3cret" not in str(info.value)
