@@ -16,8 +16,18 @@ Canonical encoding (version 1), reproducible in Solidity or any language with an
 
       head_0 = bytes32(0);   head_i = keccak(head_{i-1} || leaf_i)     (64 bytes hashed)
 
-- A claim of the job's billable tokens ``[first_token, end_token)`` commits to the chain head of the
-  shortest prefix of rows holding at least ``end_token`` tokens (its ``records_root``)::
+- A claim of the job's billable tokens ``[first_token, end_token)`` commits to its *pieces*: in
+  ledger order, what each row holds beyond what the job's earlier confirmed claims committed of
+  it (``(key, tokens)``, the last piece cut to what the claim needs; a stream still running is in
+  with the tokens it has so far, and its later tokens go into a later claim's pieces). Its
+  ``records_root`` chains them from the previous confirmed claim's root (``bytes32(0)`` for the
+  first), so the roots of a job's claims form one chain; the outbox keeps each claim's pieces,
+  and an auditor recomputes every root from them and checks that no row's pieces add up to more
+  than its final count::
+
+      records_root_n = hash_chain(pieces_n, head = records_root_{n-1})
+
+  The commitment::
 
       commitment = keccak(abi.encode(string "sidecar.claim.v1", uint256 chain_id,
                                      address marketplace, uint256 job_id, uint256 seq,
@@ -41,7 +51,7 @@ contract, job, sequence number or range), so their commitments differ unless kec
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from eth_abi import encode
@@ -112,12 +122,46 @@ def hash_chain(rows: Iterable[LedgerRow], head: bytes = GENESIS) -> bytes:
     return head
 
 
-def records_root(rows: Iterable[LedgerRow], end_token: int) -> bytes:
-    """The head of the shortest prefix of ``rows`` holding at least ``end_token`` billable tokens.
+def claim_pieces(
+    rows: Iterable[LedgerRow], committed: Mapping[str, int], tokens: int
+) -> tuple[LedgerRow, ...]:
+    """The pieces a claim of ``tokens`` more tokens commits to: in ``rows``' order, what each row
+    holds beyond ``committed`` (per key, by earlier claims), the last piece cut to what the claim
+    needs. Raises ValueError when the rows hold fewer: a claim never covers an unmetered token."""
+    _uint("tokens", tokens)
+    pieces: list[LedgerRow] = []
+    need = tokens
+    for key, row_tokens in rows:
+        if need == 0:
+            break
+        spare = row_tokens - committed.get(key, 0)
+        if spare > 0:
+            take = min(spare, need)
+            pieces.append((key, take))
+            need -= take
+    if need:
+        raise ValueError(f"the rows hold {tokens - need} unclaimed tokens, fewer than {tokens}")
+    return tuple(pieces)
 
-    Rows after that prefix are not committed to, so a claim's root does not change when later
-    responses are recorded. Raises ValueError when the rows hold fewer tokens: a claim must never
-    cover a token that was not metered.
+
+def pieces_root(previous_root: bytes, pieces: Iterable[LedgerRow]) -> bytes:
+    """A claim's records root: its pieces chained from the previous confirmed claim's root."""
+    return hash_chain(pieces, _bytes32("previous_root", previous_root))
+
+
+def committed_by_pieces(claims_pieces: Iterable[Iterable[LedgerRow]]) -> dict[str, int]:
+    """Per record key, the tokens the given claims' pieces committed."""
+    committed: dict[str, int] = {}
+    for pieces in claims_pieces:
+        for key, tokens in pieces:
+            committed[key] = committed.get(key, 0) + tokens
+    return committed
+
+
+def records_root(rows: Iterable[LedgerRow], end_token: int) -> bytes:
+    """The head of the shortest prefix of ``rows`` holding at least ``end_token`` billable tokens:
+    the records root of a claim made before claims kept their pieces (ledger schema 7 and older),
+    each from genesis. Raises ValueError when the rows hold fewer tokens.
     """
     _uint("end_token", end_token)
     head, total = GENESIS, 0

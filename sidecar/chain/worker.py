@@ -23,12 +23,15 @@ from sidecar.chain.admission import JobAdmission, KnownJob
 from sidecar.chain.marketplace import OnChainJob, RevertKind
 from sidecar.chain.policy import ClaimNow, Idle, JobState, Settle, WaitUntil, decide
 from sidecar.chain.proofs import (
+    GENESIS,
     ClaimProof,
     ClaimSpec,
     LedgerRow,
     build_claim_proof,
+    claim_pieces,
+    committed_by_pieces,
     conversation_cid,
-    records_root,
+    pieces_root,
 )
 from sidecar.chain.rpc import ConnectedChain, chain_now, proof_submitted_events
 from sidecar.chain.sender import Outcome, TxResult, describe, is_transient
@@ -269,6 +272,8 @@ class ClaimWorker:
         seq = (claims[-1].seq if claims else 0) + 1
         if isinstance(decision, ClaimNow):
             first = view.tokens_used
+            previous_root, committed = _claimed_so_far(claims, rows)
+            pieces = claim_pieces(rows, committed, decision.tokens)
             spec = ClaimSpec(
                 chain_id=chain.chain_id,
                 marketplace=chain.address,
@@ -276,11 +281,11 @@ class ClaimWorker:
                 seq=seq,
                 first_token=first,
                 end_token=first + decision.tokens,
-                records_root=records_root(rows, first + decision.tokens),
+                records_root=pieces_root(previous_root, pieces),
             )
             proof = build_claim_proof(spec, chain.account)
             claim = _new_claim(
-                job_id, seq, ClaimKind.PROOF, first, decision.tokens, proof.to_payload()
+                job_id, seq, ClaimKind.PROOF, first, decision.tokens, proof.to_payload(), pieces
             )
             await self._ledger.add_claim(claim)  # durable before it is sent
             await self._send(job, progress, claim)
@@ -313,7 +318,7 @@ class ClaimWorker:
                     first,
                     decision.unclaimable,
                     b"",
-                    ClaimState.UNCLAIMABLE,
+                    state=ClaimState.UNCLAIMABLE,
                     error=f"{decision.unclaimable} tokens can never be claimed "
                     f"({decision.over_budget} beyond the deposit)",
                 )
@@ -482,6 +487,29 @@ class ClaimWorker:
         return [(r.key, r.billable_tokens) for r in await self._ledger.records(job_id)]
 
 
+def _claimed_so_far(claims: list[Claim], rows: list[LedgerRow]) -> tuple[bytes, dict[str, int]]:
+    """The job's last confirmed proof's records root (genesis before the first) and, per record,
+    the tokens its confirmed proofs committed: where the next claim's pieces start."""
+    confirmed = [c for c in claims if c.kind is ClaimKind.PROOF and c.state is ClaimState.CONFIRMED]
+    if not confirmed:
+        return GENESIS, {}
+    last_root = ClaimProof.from_payload(confirmed[-1].payload).records_root
+    kept = [c.pieces for c in confirmed if c.pieces is not None]
+    committed = committed_by_pieces(kept)
+    if len(kept) < len(confirmed):
+        # Claims of an older ledger kept no pieces: each covered the shortest prefix of rows
+        # holding its end token. Take their records as committed that far.
+        legacy_end = max(c.end_token for c in confirmed if c.pieces is None)
+        total = 0
+        for key, tokens in rows:
+            if total >= legacy_end:
+                break
+            take = min(tokens, legacy_end - total)
+            committed[key] = max(committed.get(key, 0), take)
+            total += tokens
+    return last_root, committed
+
+
 def _new_claim(
     job_id: int,
     seq: int,
@@ -489,6 +517,7 @@ def _new_claim(
     first_token: int,
     tokens: int,
     payload: bytes,
+    pieces: tuple[LedgerRow, ...] | None = None,
     state: ClaimState = ClaimState.PENDING,
     error: str | None = None,
 ) -> Claim:
@@ -506,4 +535,5 @@ def _new_claim(
         created_ms=now,
         updated_ms=now,
         error=error,
+        pieces=pieces,
     )

@@ -101,6 +101,9 @@ class Claim:
     error: str | None = None
     created_ms: int = 0
     updated_ms: int = 0
+    # A proof's (record key, tokens) pieces, chained from the job's previous confirmed proof:
+    # what its records root commits to (None: a settlement, or a claim of an older ledger).
+    pieces: tuple[tuple[str, int], ...] | None = None
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -114,6 +117,7 @@ class Claim:
             "error": self.error,
             "created_ms": self.created_ms,
             "updated_ms": self.updated_ms,
+            "pieces": None if self.pieces is None else [list(p) for p in self.pieces],
         }
 
 

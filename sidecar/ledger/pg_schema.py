@@ -153,6 +153,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 3: the record pieces each claim commits to (see the SQLite schema's 8).
+    ("ALTER TABLE claims ADD COLUMN pieces TEXT",),
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -42,7 +42,7 @@ RECORD_COLUMNS: Final = (
 )
 CLAIM_COLUMNS: Final = (
     "job_id, seq, kind, tokens, first_token, end_token, payload, state, tx_hash, nonce, error,"
-    " created_ms, updated_ms"
+    " created_ms, updated_ms, pieces"
 )
 
 
@@ -102,7 +102,8 @@ def record_from_row(row: Sequence[Any]) -> UsageRecord:
 
 
 def claim_from_row(row: Sequence[Any]) -> Claim:
-    job_id, seq, kind, tokens, first, end, payload, state, tx_hash, nonce, error, t0, t1 = row
+    job_id, seq, kind, tokens, first, end, payload, state, tx_hash, nonce, error, t0, t1 = row[:13]
+    pieces = row[13]
     return Claim(
         job_id=int(job_id),
         seq=seq,
@@ -117,6 +118,7 @@ def claim_from_row(row: Sequence[Any]) -> Claim:
         error=error,
         created_ms=t0,
         updated_ms=t1,
+        pieces=None if pieces is None else tuple((str(k), int(t)) for k, t in json.loads(pieces)),
     )
 
 
@@ -135,6 +137,9 @@ def claim_row(claim: Claim) -> tuple[Any, ...]:
         claim.error,
         operator.index(claim.created_ms),
         operator.index(claim.updated_ms),
+        None
+        if claim.pieces is None
+        else json.dumps([[key, operator.index(tokens)] for key, tokens in claim.pieces]),
     )
 
 

@@ -159,6 +159,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 8: the record pieces each claim commits to (JSON [[key, tokens], ...]): what an auditor
+    # recomputes its records root from, though the records grow or are reordered later.
+    ("ALTER TABLE claims ADD COLUMN pieces TEXT",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -40,6 +40,7 @@ from sidecar.ledger.base import (
 )
 from sidecar.ledger.lease import FileLease, SubmitterLease
 from sidecar.ledger.rows import (
+    CLAIM_COLUMNS,
     RECORD_COLUMNS,
     RecordRow,
     claim_from_row,
@@ -111,15 +112,11 @@ ORDER BY job_id IS NULL, length(job_id), job_id
 _JOB_TOTALS: Final = _TOTALS.format(where="WHERE job_id IS ?")
 _ALL_TOTALS: Final = _TOTALS.format(where="")
 
-CLAIMRECORD_COLUMNS: Final = (
-    "job_id, seq, kind, tokens, first_token, end_token, payload, state, tx_hash, nonce, error,"
-    " created_ms, updated_ms"
-)
 _CLAIM_ORDER: Final = "ORDER BY length(job_id), job_id, seq"
-_CLAIMS_OF_JOB: Final = f"SELECT {CLAIMRECORD_COLUMNS} FROM claims WHERE job_id = ? {_CLAIM_ORDER}"
-_ALL_CLAIMS: Final = f"SELECT {CLAIMRECORD_COLUMNS} FROM claims {_CLAIM_ORDER}"
+_CLAIMS_OF_JOB: Final = f"SELECT {CLAIM_COLUMNS} FROM claims WHERE job_id = ? {_CLAIM_ORDER}"
+_ALL_CLAIMS: Final = f"SELECT {CLAIM_COLUMNS} FROM claims {_CLAIM_ORDER}"
 _UNFINISHED_CLAIMS: Final = (
-    f"SELECT {CLAIMRECORD_COLUMNS} FROM claims WHERE state IN ('pending', 'sent') {_CLAIM_ORDER}"
+    f"SELECT {CLAIM_COLUMNS} FROM claims WHERE state IN ('pending', 'sent') {_CLAIM_ORDER}"
 )
 
 _RECORDS: Final = f"""
@@ -403,13 +400,13 @@ class SQLiteLedger(Ledger):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 existing = conn.execute(
-                    f"SELECT {CLAIMRECORD_COLUMNS} FROM claims WHERE job_id = ? AND seq = ?",
+                    f"SELECT {CLAIM_COLUMNS} FROM claims WHERE job_id = ? AND seq = ?",
                     (row[0], row[1]),
                 ).fetchone()
                 if existing is None:
                     conn.execute(
-                        f"INSERT INTO claims ({CLAIMRECORD_COLUMNS}) VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT INTO claims ({CLAIM_COLUMNS}) VALUES "
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                 conn.execute("COMMIT")

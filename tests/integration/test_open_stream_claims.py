@@ -12,6 +12,7 @@ import asyncio
 import aiohttp
 import pytest
 
+from sidecar.chain.proofs import GENESIS, ClaimProof, pieces_root
 from sidecar.ledger import ClaimKind, ClaimState, RecordState
 from tests.integration.test_chain_e2e import chain_options, wait_for
 
@@ -67,6 +68,19 @@ async def test_an_open_stream_is_claimed_while_it_runs(
     assert record.completion_tokens <= seen + 64
     on_chain = devnet.session_job(deployment, job)["tokensUsed"]
     assert on_chain == await confirmed() <= record.billable_tokens
+    # Auditable though the record grew after it was claimed: each claim's root is its pieces
+    # chained from the previous one's, and the pieces of the stream's record add up to at most
+    # its final count.
+    root = GENESIS
+    committed = 0
+    for claim in await sidecar.ledger.claims(job):
+        if claim.kind is not ClaimKind.PROOF or claim.state is not ClaimState.CONFIRMED:
+            continue
+        assert claim.pieces is not None and {key for key, _ in claim.pieces} == {record.key}
+        root = pieces_root(root, claim.pieces)
+        assert ClaimProof.from_payload(claim.payload).records_root == root
+        committed += sum(tokens for _, tokens in claim.pieces)
+    assert committed == on_chain <= record.billable_tokens
 
 
 async def _is_closed(sidecar, job: int) -> bool:

@@ -114,3 +114,22 @@ async def test_claims_survive_a_reopen(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     conn.close()
+
+
+async def test_a_claims_pieces_are_kept(ledger_store) -> None:
+    ledger = ledger_store()
+    await ledger.open()
+    pieces = (("k1-1", 100), ("k1-2", 7), ("a" * 200, 2**200))
+    try:
+        await ledger.add_claim(claim(9, 1, tokens=107, pieces=pieces))
+        await ledger.add_claim(claim(9, 2, tokens=5))  # a settlement or an older claim: none
+    finally:
+        await ledger.close()
+    reopened = ledger_store()
+    await reopened.open()
+    try:
+        first, second = await reopened.claims(9)
+        assert first.pieces == pieces and second.pieces is None
+        assert first.as_json()["pieces"] == [list(p) for p in pieces]
+    finally:
+        await reopened.close()

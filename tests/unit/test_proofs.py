@@ -253,3 +253,25 @@ def test_the_key_never_shows() -> None:
     key_hex = HOST.key.hex().removeprefix("0x")
     assert key_hex not in repr(proof) and key_hex not in repr(spec())
     assert key_hex not in proof.to_payload().hex()
+
+
+def test_claim_pieces_continue_where_the_confirmed_claims_stopped() -> None:
+    from sidecar.chain.proofs import GENESIS, claim_pieces, committed_by_pieces, pieces_root
+
+    rows = [("a", 100), ("b", 50), ("c", 80)]
+    first = claim_pieces(rows, {}, 120)
+    assert first == (("a", 100), ("b", 20))
+    # "a" was a stream still running: it grew to 130 before the next claim.
+    grown = [("a", 130), ("b", 50), ("c", 80)]
+    committed = committed_by_pieces([first])
+    second = claim_pieces(grown, committed, 100)
+    assert second == (("a", 30), ("b", 30), ("c", 40))
+    root_1 = pieces_root(GENESIS, first)
+    root_2 = pieces_root(root_1, second)
+    assert root_1 == hash_chain(first) and root_2 == hash_chain(second, root_1)
+    # Every row's pieces add up to at most its final count, whatever the order of claims.
+    total = committed_by_pieces([first, second])
+    assert all(total[key] <= tokens for key, tokens in grown)
+    with pytest.raises(ValueError, match="fewer than"):
+        claim_pieces(grown, total, 41)  # only c's last 40 tokens are unclaimed
+    assert claim_pieces(grown, total, 0) == ()
