@@ -62,6 +62,9 @@ if TYPE_CHECKING:  # the chain package pulls in web3; the core needs only the ty
 
 log = logging.getLogger("sidecar.exchange")
 
+RETRY_FIRST_S = 1.0  # a refused final record is tried again after this, then twice as long...
+RETRY_MAX_S = 30.0  # ... up to this
+
 METERED_ROUTES: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint.CHAT,
     "/v1/completions": Endpoint.COMPLETIONS,
@@ -375,16 +378,46 @@ class Exchange:
         the metrics and told to the chain service, as :meth:`commit` does."""
         self._count(record)
 
-    def persist_progress(self, record: UsageRecord) -> None:
-        """An OPEN record of a running stream: written without waiting for the commit."""
-        self.ledger.submit(record)
+    async def persist_progress(self, record: UsageRecord) -> None:
+        """An OPEN record of a running stream, durable before the stream relays more: so no
+        more than one progress step (64 tokens, or a second) is ever relayed unrecorded, even
+        when the process dies or the disk fills. The ledger's writer commits many streams'
+        steps together; a step costs its stream one commit's wait every 64 tokens. Raises
+        :class:`~sidecar.errors.LedgerUnavailable` when the ledger refuses it."""
+        try:
+            await self.ledger.submit(record)
+        except Exception as exc:
+            self.metrics.ledger_errors.inc()
+            log.error("could not persist the progress of request %s: %s", record.key, exc)
+            raise LedgerUnavailable() from exc
 
     def submit_unawaited(self, record: UsageRecord, *, count: bool = True) -> None:
         """A final record written by a task that is being cancelled: not awaited, but the
-        ledger's writer commits it regardless."""
-        self.ledger.submit(record).add_done_callback(_log_failed_write)
+        ledger's writer commits it regardless; one the ledger refuses (a full disk) is tried
+        again until it takes it, so no stream's record stays open once it is over."""
+        self._submit_until_taken(record, RETRY_FIRST_S)
         if count:
             self._count(record)
+
+    def _submit_until_taken(self, record: UsageRecord, delay: float) -> None:
+        def done(future: asyncio.Future[None]) -> None:
+            if future.cancelled() or future.exception() is None:
+                return
+            log.error(
+                "could not commit the usage of request %s: %s; trying again in %g s",
+                record.key,
+                future.exception(),
+                delay,
+            )
+            with contextlib.suppress(RuntimeError):  # the loop is closing: restart recovery
+                asyncio.get_running_loop().call_later(
+                    delay, self._submit_until_taken, record, min(RETRY_MAX_S, delay * 2)
+                )
+
+        try:
+            self.ledger.submit(record).add_done_callback(done)
+        except Exception as exc:  # closed: the next start closes the open record instead
+            log.error("could not submit the usage of request %s: %s", record.key, exc)
 
     def _count(self, record: UsageRecord) -> None:
         """A finished record: counted in the metrics, and the chain service told."""
@@ -588,8 +621,3 @@ async def _released(reply: EngineReply) -> AsyncIterator[EngineReply]:
         yield reply
     finally:
         reply.release()
-
-
-def _log_failed_write(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("could not commit a usage record: %s", future.exception())

@@ -33,7 +33,7 @@ class StreamOwner(Protocol):
 
     async def commit(self, record: UsageRecord) -> None: ...
 
-    def persist_progress(self, record: UsageRecord) -> None: ...
+    async def persist_progress(self, record: UsageRecord) -> None: ...
 
     def submit_unawaited(self, record: UsageRecord, *, count: bool = True) -> None: ...
 
@@ -141,6 +141,7 @@ class MeteredStream:
         persisted_at = loop.time()
         try:
             async for chunk in self.reply.chunks():
+                before = meter.completion_tokens
                 out = meter.feed(chunk)
                 if meter.done:
                     if not self.committed:
@@ -158,7 +159,14 @@ class MeteredStream:
                 ):
                     persisted_tokens = meter.completion_tokens
                     persisted_at = loop.time()
-                    exchange.persist_progress(self._record(RecordState.OPEN))
+                    try:
+                        await exchange.persist_progress(self._record(RecordState.OPEN))
+                    except LedgerUnavailable:
+                        # This chunk is not relayed: the stream's record ends before it.
+                        self._final_usage = dataclasses.replace(
+                            meter.usage(), completion_tokens=before
+                        )
+                        raise
                 if out:
                     yield out
             tail = meter.finish()

@@ -25,7 +25,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def abort_client(request: web.Request) -> None:
-    """Cut the client's connection so it sees a broken response, not a clean end."""
+    """Cut the client's connection so it sees a broken response, not a clean end. What was
+    already written still goes out first (a close, not an abort): the tokens recorded for a cut
+    stream are the ones its client can read."""
     transport = request.transport
     if transport is not None:
-        transport.abort()
+        transport.close()

@@ -271,7 +271,7 @@ def check_responses(
                 f"{s}: recorded {record.completion} completion / {record.billable} billable",
             )
         elif s.stream:
-            _check_cut(checks, s, record, bound, exact_cut)
+            _check_cut(checks, counters, s, record, bound, exact_cut)
         elif record is not None:
             # A JSON answer the client did not get whole (the fault came between the commit and
             # the last byte): at most what it was granted.
@@ -306,7 +306,7 @@ def check_responses(
             s = unknown[0]
             record = unmatched[0] if unmatched else None
             if s.stream:
-                _check_cut(checks, s, record, bound, exact_cut)
+                _check_cut(checks, counters, s, record, bound, exact_cut)
             elif record is not None:
                 checks.check(
                     record.billable <= s.max_tokens,
@@ -346,7 +346,14 @@ def check_responses(
     return checks, counters
 
 
-def _check_cut(checks: Checks, s: Seen, record: Record | None, bound: int, exact: bool) -> None:
+def _check_cut(
+    checks: Checks,
+    counters: dict[str, int],
+    s: Seen,
+    record: Record | None,
+    bound: int,
+    exact: bool,
+) -> None:
     recorded = 0 if record is None else record.completion
     checks.peak("most tokens a cut stream lost", s.tokens - recorded)
     checks.peak("most tokens a cut stream overcounted", recorded - s.tokens)
@@ -368,6 +375,18 @@ def _check_cut(checks: Checks, s: Seen, record: Record | None, bound: int, exact
         "open_stream_lost",
         f"{s}: recorded {recorded}, {s.tokens - recorded} tokens lost (bound {bound})",
     )
+    if record is not None and record.state == "final":
+        # The stream ended on the sidecar's side: its final record is committed before its
+        # end is sent (the durability rule), and a kill -9 in between loses what the dead
+        # process had written but the client not yet read. As for a JSON answer: at most its
+        # grant, counted as billed but undelivered.
+        checks.check(
+            record.billable <= s.max_tokens,
+            "unserved_recorded",
+            f"{s}: recorded {record.billable} > granted {s.max_tokens}",
+        )
+        counters["billed_undelivered"] = counters.get("billed_undelivered", 0) + 1
+        return
     state = "no record" if record is None else f"a {record.state} record"
     checks.check(
         recorded - s.tokens <= bound,
