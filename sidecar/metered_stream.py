@@ -147,7 +147,15 @@ class MeteredStream:
                     if not self.committed:
                         # [DONE] is in this chunk: the record goes first, then the bytes.
                         await self._finish_usage()
-                        await exchange.commit(self._record(RecordState.FINAL))
+                        try:
+                            await exchange.commit(self._record(RecordState.FINAL))
+                        except LedgerUnavailable:
+                            # The end is not relayed, nor the rest of this chunk: the record
+                            # the stream is cut with ends before it.
+                            self._final_usage = dataclasses.replace(
+                                meter.usage(), completion_tokens=before
+                            )
+                            raise
                         self.committed = True
                         self.call.hold.release()
                         if self.with_receipt and self.call.job_id is not None:
