@@ -4,6 +4,7 @@ sidecar's flags for it, the lanes of mixed traffic, and the settlement at the en
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from tests.faults.invariants import (
     read_chain,
     read_ledger,
 )
-from tests.faults.traffic import Lane
+from tests.faults.traffic import Lane, Traffic
 
 DEPOSIT = 10**18  # wei per session: a million tokens at the prices below
 PRICE = {"v1": 10**12, "v2": 10**15}  # v2's price is per 1000 tokens
@@ -55,6 +56,31 @@ def mixed_lanes(jobs: Sequence[int], model: str, *, short: bool = False) -> list
         Lane("ws", e, 64, top, model=model),
         Lane("ws-encrypted", f, 64, top, model=model),
     ]
+
+
+def endless_traffic(
+    url: str,
+    devnet: Any,
+    jobs: Sequence[int],
+    model: str,
+    rng: random.Random,
+    *,
+    short: bool = False,
+    **options: Any,
+) -> tuple[list[Lane], Traffic, asyncio.Task[None]]:
+    """The seven lanes against the sidecar at ``url``, each going on until told to stop."""
+    lanes = mixed_lanes(jobs, model, short=short)
+    for lane in lanes:
+        lane.keep_going = True
+    traffic = Traffic(
+        url,
+        lanes,
+        rng,
+        chain_id=devnet.chain_id,
+        host_public_key=host_public_key(devnet),
+        **options,
+    )
+    return lanes, traffic, asyncio.create_task(traffic.run())
 
 
 def new_jobs(devnet: Any, deployment: Any, n: int) -> list[int]:

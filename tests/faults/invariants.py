@@ -274,14 +274,8 @@ def check_responses(
             _check_cut(checks, counters, s, record, bound, exact_cut)
         elif record is not None:
             # A JSON answer the client did not get whole (the fault came between the commit and
-            # the last byte): at most what it was granted.
-            checks.check(
-                record.billable <= s.max_tokens,
-                "unserved_recorded",
-                f"{s}: recorded {record.billable} > granted {s.max_tokens}",
-            )
-            if record.billable:
-                counters["billed_undelivered"] = counters.get("billed_undelivered", 0) + 1
+            # the last byte).
+            _check_undelivered(checks, counters, s, record)
 
     # Records of these jobs that no known key accounts for: each must be the one request in
     # flight whose key its client never learnt (a JSON answer, or a socket's stream).
@@ -308,13 +302,7 @@ def check_responses(
             if s.stream:
                 _check_cut(checks, counters, s, record, bound, exact_cut)
             elif record is not None:
-                checks.check(
-                    record.billable <= s.max_tokens,
-                    "unserved_recorded",
-                    f"{s}: recorded {record.billable} > granted {s.max_tokens}",
-                )
-                if record.billable:
-                    counters["billed_undelivered"] = counters.get("billed_undelivered", 0) + 1
+                _check_undelivered(checks, counters, s, record)
         elif unknown:
             # Several requests in flight without a key (a socket's streams cut one after the
             # other): the records and what the clients saw, summed.
@@ -344,6 +332,18 @@ def check_responses(
                 f"got {seen_tokens} (bound {slack} + {granted} granted to JSON answers)",
             )
     return checks, counters
+
+
+def _check_undelivered(checks: Checks, counters: dict[str, int], s: Seen, record: Record) -> None:
+    """A record committed for an answer its client did not get whole (the durability rule's
+    commit-before-send window): at most what the request was granted; counted, not a fault."""
+    checks.check(
+        record.billable <= s.max_tokens,
+        "unserved_recorded",
+        f"{s}: recorded {record.billable} > granted {s.max_tokens}",
+    )
+    if record.billable:
+        counters["billed_undelivered"] = counters.get("billed_undelivered", 0) + 1
 
 
 def _check_cut(
@@ -380,12 +380,7 @@ def _check_cut(
         # end is sent (the durability rule), and a kill -9 in between loses what the dead
         # process had written but the client not yet read. As for a JSON answer: at most its
         # grant, counted as billed but undelivered.
-        checks.check(
-            record.billable <= s.max_tokens,
-            "unserved_recorded",
-            f"{s}: recorded {record.billable} > granted {s.max_tokens}",
-        )
-        counters["billed_undelivered"] = counters.get("billed_undelivered", 0) + 1
+        _check_undelivered(checks, counters, s, record)
         return
     state = "no record" if record is None else f"a {record.state} record"
     checks.check(

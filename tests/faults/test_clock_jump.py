@@ -28,7 +28,6 @@ from tests.faults.invariants import (
     read_ledger,
     wait_caught_up,
 )
-from tests.faults.traffic import Traffic
 from tests.support.sidecar import SidecarProcess
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
@@ -86,17 +85,9 @@ async def test_clock_jumps(llama_server, devnet, tmp_path) -> None:
     restarts = 0
     try:
         await proc.wait_ready(timeout=60)
-        lanes = harness.mixed_lanes(jobs, llama_server.model_id, short=True)
-        for lane in lanes:
-            lane.keep_going = True
-        traffic = Traffic(
-            proc.url,
-            lanes,
-            rng,
-            chain_id=devnet.chain_id,
-            host_public_key=harness.host_public_key(devnet),
+        _, traffic, task = harness.endless_traffic(
+            proc.url, devnet, jobs, llama_server.model_id, rng, short=True
         )
-        task = asyncio.create_task(traffic.run())
         for offset, hold in JUMPS:
             if offset == "kill":
                 proc.kill9()

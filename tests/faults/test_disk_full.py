@@ -32,7 +32,6 @@ from tests.faults.invariants import (
     read_ledger,
     wait_caught_up,
 )
-from tests.faults.traffic import Traffic
 from tests.support.sidecar import SidecarProcess
 
 pytestmark = pytest.mark.integration
@@ -97,17 +96,9 @@ async def test_disk_full(llama_server, devnet, tmp_path) -> None:
         )
         try:
             await proc.wait_ready(timeout=60)
-            lanes = harness.mixed_lanes(jobs, llama_server.model_id)
-            for lane in lanes:
-                lane.keep_going = True
-            traffic = Traffic(
-                proc.url,
-                lanes,
-                rng,
-                chain_id=devnet.chain_id,
-                host_public_key=harness.host_public_key(devnet),
+            lanes, traffic, task = harness.endless_traffic(
+                proc.url, devnet, jobs, llama_server.model_id, rng
             )
-            task = asyncio.create_task(traffic.run())
             await asyncio.sleep(WARM_S)
 
             def mark() -> set[int]:

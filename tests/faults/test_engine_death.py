@@ -31,7 +31,6 @@ from tests.faults.invariants import (
     read_ledger,
     wait_caught_up,
 )
-from tests.faults.traffic import Traffic
 from tests.support.sidecar import SidecarProcess
 
 pytestmark = pytest.mark.integration
@@ -188,17 +187,7 @@ async def test_engine_killed_under_traffic(devnet, tmp_path) -> None:
     found = []
     try:
         await proc.wait_ready(timeout=60)
-        lanes = harness.mixed_lanes(jobs, engine.model_id)
-        for lane in lanes:
-            lane.keep_going = True
-        traffic = Traffic(
-            proc.url,
-            lanes,
-            rng,
-            chain_id=devnet.chain_id,
-            host_public_key=harness.host_public_key(devnet),
-        )
-        task = asyncio.create_task(traffic.run())
+        lanes, traffic, task = harness.endless_traffic(proc.url, devnet, jobs, engine.model_id, rng)
         refused_while_down = []
         for _ in range(ENGINE_DEATHS):
             await asyncio.sleep(moments.uniform(0.5, 3.0))

@@ -29,7 +29,6 @@ from tests.faults.invariants import (
     wait_caught_up,
 )
 from tests.faults.rpc_proxy import RpcProxy
-from tests.faults.traffic import Traffic
 from tests.support.sidecar import SidecarProcess
 
 pytestmark = pytest.mark.integration
@@ -70,18 +69,9 @@ async def test_rpc_outage(llama_server, devnet, tmp_path) -> None:
         proc = SidecarProcess(llama_server.base_url, ledger_path, tmp_path / "sidecar.log", *flags)
         try:
             await proc.wait_ready(timeout=60)
-            lanes = harness.mixed_lanes(jobs, llama_server.model_id, short=True)
-            for lane in lanes:
-                lane.keep_going = True
-            traffic = Traffic(
-                proc.url,
-                lanes,
-                rng,
-                chain_id=devnet.chain_id,
-                host_public_key=harness.host_public_key(devnet),
-                timeout=120,
+            lanes, traffic, task = harness.endless_traffic(
+                proc.url, devnet, jobs, llama_server.model_id, rng, short=True, timeout=120
             )
-            task = asyncio.create_task(traffic.run())
             await asyncio.sleep(WARM_S)
             served_before = sum(s.finished for s in traffic_seen(lanes))
             # Chain time lets the next claims through at once: they are sent into the outage.

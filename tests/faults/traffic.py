@@ -34,6 +34,7 @@ from sidecar import crypto
 from sidecar.crypto import HostKey
 from sidecar.metering import Endpoint, StreamMeter
 from tests.faults.invariants import Seen
+from tests.integration.test_node_e2ee import sealed_init
 
 REQUEST_ID = "X-Sidecar-Request-Id"
 KINDS = (
@@ -365,41 +366,16 @@ class _WS:
 
     def sealed_init(self, session_key: bytes) -> dict[str, Any]:
         """An encrypted_session_init as the SDK builds it (NODE_PROTOCOL.md §1.2)."""
-        t, job = self.traffic, self.lane.job
+        t = self.traffic
         assert t.host_public_key is not None
-        ephemeral = HostKey(os.urandom(32))
-        key = crypto.init_key(ephemeral.shared_x(t.host_public_key))
-        plaintext = json.dumps(
-            {
-                "sessionKey": session_key.hex(),
-                "jobId": str(job),
-                "modelName": self.lane.model,
-                "pricePerToken": 0,
-                "recoveryPublicKey": "0x" + self.client.public_key.hex(),
-            },
-            separators=(",", ":"),
-        ).encode()
-        nonce, box = crypto.seal(key, plaintext, b"")
-        digest = crypto.e2ee_digest(ephemeral.public_key, t.host_public_key, nonce)
-        compact, recid = self.client.sign_digest(digest)
-        frame: dict[str, Any] = {
-            "type": "encrypted_session_init",
-            "payload": {
-                "ephPubHex": ephemeral.public_key.hex(),
-                "saltHex": "00" * 32,
-                "nonceHex": nonce.hex(),
-                "ciphertextHex": box.hex(),
-                "signatureHex": (compact + bytes([recid])).hex(),
-                "recid": recid,
-                "alg": ALG,
-                "info": "",
-                "aadHex": "",
-            },
-            "session_id": str(job),
-            "job_id": str(job),
-        }
-        if t.chain_id is not None:
-            frame["chain_id"] = t.chain_id
+        frame: dict[str, Any] = sealed_init(
+            self.lane.job,
+            session_key,
+            t.host_public_key,
+            self.client,
+            model=self.lane.model,
+            chain_id=t.chain_id,
+        )
         return frame
 
 

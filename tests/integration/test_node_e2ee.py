@@ -45,15 +45,18 @@ def sealed_init(
     session_key: bytes,
     host_public_key: bytes = HOST.public_key,
     client: HostKey = CLIENT,
+    model: str = "sidecar-tiny",
+    chain_id: int | None = 31337,
 ):
-    """An encrypted_session_init frame, built as the SDK builds it (§1.2), signed by ``client``."""
+    """An encrypted_session_init frame, built as the SDK builds it (§1.2), signed by ``client``
+    (``chain_id`` None: the frame names none)."""
     ephemeral = HostKey(os.urandom(32))
     key = crypto.init_key(ephemeral.shared_x(host_public_key))
     plaintext = json.dumps(
         {
             "sessionKey": session_key.hex(),
             "jobId": str(job),
-            "modelName": "sidecar-tiny",
+            "modelName": model,
             "pricePerToken": 0,
             "recoveryPublicKey": "0x" + client.public_key.hex(),
         },
@@ -62,7 +65,7 @@ def sealed_init(
     nonce, box = crypto.seal(key, plaintext, b"")
     digest = crypto.e2ee_digest(ephemeral.public_key, host_public_key, nonce)
     compact, recid = client.sign_digest(digest)
-    return {
+    frame = {
         "type": "encrypted_session_init",
         "payload": {
             "ephPubHex": ephemeral.public_key.hex(),
@@ -75,10 +78,13 @@ def sealed_init(
             "info": "",
             "aadHex": "",
         },
-        "chain_id": 31337,
+        "chain_id": chain_id,
         "session_id": str(job),
         "job_id": str(job),
     }
+    if chain_id is None:
+        del frame["chain_id"]
+    return frame
 
 
 def sealed_message(session_key: bytes, job: int, request: dict[str, Any], index: int = 0):
