@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
-from sidecar import __version__
+from sidecar import __version__, event_loop
 from sidecar.backup_command import add_ledger_parser, run_ledger
 from sidecar.config import ConfigError, Settings, add_arguments, load_settings
 from sidecar.errors import ChainCheckError
@@ -133,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("settings: %s", settings.describe())
             from sidecar.app import serve
 
-            asyncio.run(serve(settings))
+            loop_name = event_loop.resolve(settings.event_loop)
+            log.info("event loop: %s", loop_name)
+            event_loop.run(serve(settings), loop_name)
             return 0
         if args.command == "settle":
             return _settle(load_settings(flags), args.job)

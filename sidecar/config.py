@@ -27,6 +27,7 @@ ENV_PREFIX = "SIDECAR_"
 
 BILL_CHOICES = ("completion", "total")
 SESSION_AUTH_CHOICES = ("none", "bound", "depositor")
+EVENT_LOOP_CHOICES = ("auto", "uvloop", "asyncio")
 
 
 def default_ledger_url() -> str:
@@ -171,6 +172,12 @@ class Settings:
         10, "seconds to wait for a connection to the engine", metavar="SECONDS"
     )
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    event_loop: str = _opt(
+        "auto",
+        "the event loop: uvloop (libuv; cheaper per relayed chunk), asyncio (the standard "
+        "library's), or auto: uvloop where it is installed",
+        choices=EVENT_LOOP_CHOICES,
+    )
     # -- the chain (off unless --rpc-url is given) -----------------------------------------------
     rpc_url: str | None = _opt(
         None, "JSON-RPC URL of the chain; enables on-chain claims and settlement", metavar="URL"
