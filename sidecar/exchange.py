@@ -380,7 +380,7 @@ class Exchange:
 
     async def persist_progress(self, record: UsageRecord) -> None:
         """An OPEN record of a running stream, durable before the stream relays more: so no
-        more than one progress step (64 tokens, or a second) is ever relayed unrecorded, even
+        more than one progress step (64 tokens) is ever relayed unrecorded, even
         when the process dies or the disk fills. The ledger's writer commits many streams'
         steps together; a step costs its stream one commit's wait every 64 tokens. Raises
         :class:`~sidecar.errors.LedgerUnavailable` when the ledger refuses it."""
@@ -390,6 +390,24 @@ class Exchange:
             self.metrics.ledger_errors.inc()
             log.error("could not persist the progress of request %s: %s", record.key, exc)
             raise LedgerUnavailable() from exc
+
+    def note_progress(self, record: UsageRecord) -> None:
+        """An OPEN record of a slow stream, a second after its last step: written without
+        waiting. It keeps the ledger's view (claims of open streams, ``/sidecar/jobs``) fresh;
+        the loss bound is the awaited 64-token step, so a stream never stalls on this one (a
+        stall that every open stream took once a second, as jitter between its tokens)."""
+
+        def done(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                self.metrics.ledger_errors.inc()
+                log.error(
+                    "could not note the progress of request %s: %s", record.key, future.exception()
+                )
+
+        try:
+            self.ledger.submit(record).add_done_callback(done)
+        except Exception as exc:  # closed: the next 64-token step refuses the stream
+            log.error("could not note the progress of request %s: %s", record.key, exc)
 
     def submit_unawaited(self, record: UsageRecord, *, count: bool = True) -> None:
         """A final record written by a task that is being cancelled: not awaited, but the

@@ -35,6 +35,8 @@ class StreamOwner(Protocol):
 
     async def persist_progress(self, record: UsageRecord) -> None: ...
 
+    def note_progress(self, record: UsageRecord) -> None: ...
+
     def submit_unawaited(self, record: UsageRecord, *, count: bool = True) -> None: ...
 
     async def receipt(self, call: Call, usage: Usage) -> dict[str, str]: ...
@@ -137,7 +139,7 @@ class MeteredStream:
         exchange, meter = self.exchange, self.meter
         exchange.metrics.streams_in_flight.inc()
         loop = asyncio.get_running_loop()
-        persisted_tokens = 0
+        persisted_tokens = noted_tokens = 0  # awaited (the loss bound), and any progress write
         persisted_at = loop.time()
         try:
             async for chunk in self.reply.chunks():
@@ -161,11 +163,8 @@ class MeteredStream:
                         if self.with_receipt and self.call.job_id is not None:
                             receipt = await exchange.receipt(self.call, self.usage)
                             out = with_comment_before_done(out, receipt_comment(receipt))
-                elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS or (
-                    loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
-                    and meter.completion_tokens != persisted_tokens
-                ):
-                    persisted_tokens = meter.completion_tokens
+                elif meter.completion_tokens - persisted_tokens >= PROGRESS_EVERY_TOKENS:
+                    persisted_tokens = noted_tokens = meter.completion_tokens
                     persisted_at = loop.time()
                     try:
                         await exchange.persist_progress(self._record(RecordState.OPEN))
@@ -175,6 +174,14 @@ class MeteredStream:
                             meter.usage(), completion_tokens=before
                         )
                         raise
+                elif (
+                    meter.completion_tokens != noted_tokens
+                    and loop.time() - persisted_at >= PROGRESS_EVERY_SECONDS
+                ):
+                    # A slow stream's view is refreshed once a second, without waiting.
+                    noted_tokens = meter.completion_tokens
+                    persisted_at = loop.time()
+                    exchange.note_progress(self._record(RecordState.OPEN))
                 if out:
                     yield out
             tail = meter.finish()

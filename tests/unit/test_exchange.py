@@ -7,6 +7,7 @@ does and reads back what the ledger holds, and when.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar import metered_stream
 from sidecar.calls import Admission
 from sidecar.config import Settings
 from sidecar.errors import JobRefused, LedgerUnavailable, UpstreamBroke, UpstreamError
@@ -186,6 +188,30 @@ async def test_a_long_stream_persists_progress_while_it_runs(ledger: Ledger) -> 
     # 150 chunks in (149 tokens): at least two progress writes of 64 tokens each are durable.
     assert progress and progress[0][0] is RecordState.OPEN and progress[0][1] >= 128
     assert await records(ledger, 9) == [(RecordState.FINAL, 200)]
+
+
+async def test_a_slow_stream_notes_its_progress_each_second_without_waiting(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every chunk is "a second later": each one with a new token is noted (unawaited), so the
+    # ledger's view of an open stream stays fresh below the 64-token step.
+    monkeypatch.setattr(metered_stream, "PROGRESS_EVERY_SECONDS", 0.0)
+    engine = StubEngine([StubReply(chat_stream(20))])
+    exchange = make_exchange(ledger, engine)
+    stream = await exchange.call_stream(Endpoint.CHAT, {"messages": []}, 12)
+    progress: list[tuple[RecordState, int]] = []
+    async with contextlib.aclosing(stream.chunks()) as chunks:
+        n = 0
+        async for _ in chunks:
+            n += 1
+            if n == 6:  # the role chunk and five tokens
+                for _ in range(50):
+                    progress = await records(ledger, 12)
+                    if progress == [(RecordState.OPEN, 5)]:
+                        break
+                    await asyncio.sleep(0.02)
+    assert progress == [(RecordState.OPEN, 5)]
+    assert await records(ledger, 12) == [(RecordState.FINAL, 20)]
 
 
 async def test_engine_break_records_what_was_relayed_as_aborted(ledger: Ledger) -> None:
