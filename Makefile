@@ -130,10 +130,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# wrk is the JSON load generator (Debian package); without it the bench falls back to a
-# slower Python client and says so.
+# wrk is the JSON load generator and nginx-light the nginx relay the targets compare with (Debian
+# packages); without wrk the bench falls back to a slower Python client, without nginx it runs
+# without that relay (its targets MISS), and says so.
 bench: $(STAMP)
 	command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || echo "wrk not installed: using the Python client"
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light; } || echo "nginx not installed: running without the nginx relay"
 	$(BIN)/python bench/overhead.py
 
 clean:
